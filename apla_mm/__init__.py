@@ -1,0 +1,15 @@
+"""apla_mm: APLA and memory-efficient ViT adaptation for OpenMMLab.
+
+Importing the package registers its models, hooks, optimizer wrappers and
+datasets into mmengine's root registries (visible from mmseg- and
+mmdet-scoped configs) and lets ``torch.load`` read mmengine checkpoints on
+torch >= 2.6 (see :mod:`apla_mm.utils.checkpoint_compat`).
+"""
+from .utils import register_checkpoint_safe_globals
+from .version import __version__
+
+register_checkpoint_safe_globals()
+
+from . import datasets, engine, models, peft  # noqa: E402,F401
+
+__all__ = ['__version__', 'datasets', 'engine', 'models', 'peft']

@@ -1,0 +1,3 @@
+from .apla_hook import APLAHook
+
+__all__ = ['APLAHook']

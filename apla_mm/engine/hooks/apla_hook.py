@@ -1,0 +1,209 @@
+"""The hook that turns any mmseg/mmdet ViT config into an APLA run."""
+import os.path as osp
+from typing import Optional, Sequence, Union
+
+from mmengine.dist import is_main_process
+from mmengine.hooks import Hook
+from mmengine.logging import print_log
+
+from apla_mm.peft.apla import APLAAdapter, APLAConfig, Rank
+from apla_mm.peft.optim import rebind_optimizer
+from apla_mm.peft.report import count_parameters, format_report
+from apla_mm.peft.utils import unwrap_model
+from apla_mm.registry import HOOKS
+from ..optim_wrappers.apla_optim_wrapper import APLAOptimWrapperMixin
+from ..runner_utils import check_same_on_all_ranks, is_training, rewrap_ddp
+
+META_KEY = 'apla_mm'
+
+
+@HOOKS.register_module()
+class APLAHook(Hook):
+    """Train only ``rank`` output channels of every attention W_O.
+
+    APLA (Sorkhei et al., arXiv 2503.11335) adapts a pretrained ViT by
+    training a fixed random subset of the output channels of each attention
+    output projection; the rest of the backbone stays frozen, while necks and
+    heads train as usual. Add to any config with a ViT backbone::
+
+        custom_imports = dict(imports=['apla_mm'], allow_failed_imports=False)
+        custom_hooks = [dict(type='APLAHook', rank=64, seed=0)]
+        optim_wrapper = dict(type='APLAOptimWrapper', optimizer=...)
+
+    What it does, in the Runner's order:
+
+    * ``before_run`` (training only): chooses the channels, freezes the
+      ``frozen_modules``, creates the trainable rows, moves the
+      already-built optimizer onto them (groups and their settings kept),
+      rebuilds a DDP wrapper so that frozen parameters are not synchronised,
+      binds the :class:`~apla_mm.engine.APLAOptimWrapper`, logs the
+      trainable-parameter report and writes ``apla_indices.json`` to the
+      work dir.
+    * ``after_load_checkpoint`` (``--resume``): checks that the checkpoint
+      was trained with the same rank/seed/targets and restores its channels.
+    * ``before_train``: reloads the rows from the (now initialised or
+      loaded) weights; with ``selection='norm'`` picks the channels.
+    * ``before_save_checkpoint``: stores the settings and channels under
+      ``meta['apla_mm']``. The state dict itself is the plain model's.
+
+    Validation and testing run the unmodified model: checkpoints hold merged
+    weights with the base model's keys, so inference costs nothing extra and
+    ``tools/test.py`` works with this config or the base config alike.
+
+    Args:
+        rank (int | str): Output channels trained per layer, or ``'full'``
+            for all of W_O. Defaults to 64.
+        seed (int): Seed of the per-layer choice. Defaults to 0.
+        targets (str | list[str], optional): Full-match regexes over module
+            names selecting the projections; ``None`` auto-detects W_O of
+            timm (``blocks.N.attn.proj``), mmseg (``layers.N.attn.attn.
+            out_proj``) and mmpretrain (``layers.N.attn.proj``) ViTs.
+        selection (str): ``'random'`` or ``'norm'``. Defaults to
+            ``'random'``.
+        index_file (str, optional): JSON file with the channels per layer.
+        frozen_modules (Sequence[str]): Top-level modules frozen apart from
+            the rows. Defaults to ``('backbone',)``.
+        save_index_file (bool): Write ``apla_indices.json`` into the work
+            dir. Defaults to True.
+    """
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self,
+                 rank: Rank = 64,
+                 seed: int = 0,
+                 targets: Union[str, Sequence[str], None] = None,
+                 selection: str = 'random',
+                 index_file: Optional[str] = None,
+                 frozen_modules: Sequence[str] = ('backbone', ),
+                 save_index_file: bool = True) -> None:
+        self.config = APLAConfig(
+            rank=rank,
+            seed=seed,
+            targets=targets,
+            selection=selection,
+            index_file=index_file,
+            frozen_modules=tuple(frozen_modules))
+        self.save_index_file = save_index_file
+        self.adapter: Optional[APLAAdapter] = None
+        self._restored = False
+
+    # ------------------------------------------------------------------
+    def before_run(self, runner) -> None:
+        if not is_training(runner) or self.adapter is not None:
+            return
+        optim_wrapper = runner.optim_wrapper
+        if not isinstance(optim_wrapper, APLAOptimWrapperMixin):
+            raise TypeError(
+                'APLAHook needs the APLA optimizer wrapper, got '
+                f"{type(optim_wrapper).__name__}. Set optim_wrapper = dict("
+                "type='APLAOptimWrapper', optimizer=...) (or "
+                "'APLAAmpOptimWrapper' for mixed precision; tools/train.py "
+                '--amp switches to it).')
+        model = unwrap_model(runner.model)
+        self.adapter = adapter = APLAAdapter(model, self.config)
+        rebind_optimizer(optim_wrapper.optimizer, adapter.replacements(),
+                         model)
+        optim_wrapper.bind_adapter(adapter)
+        if rewrap_ddp(runner):
+            print_log(
+                'APLA: rebuilt the DDP wrapper; frozen parameters are not '
+                'synchronised.', logger='current')
+        check_same_on_all_ranks(
+            dict(config=self.config.to_dict(), indices=adapter.indices()),
+            'The APLA channel selection')
+        self._log_summary(runner)
+        if self.save_index_file and not self.config.full \
+                and not adapter.needs_selection:
+            self._write_indices(runner)
+
+    def before_train(self, runner) -> None:
+        adapter = self.adapter
+        if adapter is None:
+            return
+        if adapter.needs_selection and not self._restored:
+            adapter.select_from_weights_()
+            check_same_on_all_ranks(adapter.indices(),
+                                    'The APLA channel selection')
+            if self.save_index_file:
+                self._write_indices(runner)
+        else:
+            # The weights were (re)initialised or loaded after before_run.
+            adapter.refresh_rows_()
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        if self.adapter is not None:
+            checkpoint.setdefault('meta', {})[META_KEY] = self.adapter.meta()
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        adapter = self.adapter
+        if adapter is None or not getattr(runner, '_resume', False):
+            # Testing, or `load_from`: the state dict is a plain model whose
+            # selected rows become the trainable rows when it is loaded.
+            return
+        meta = checkpoint.get('meta', {}).get(META_KEY)
+        if meta is None or meta.get('method') != 'apla':
+            raise ValueError(
+                'Cannot resume APLA from a checkpoint that was not written by '
+                'an APLA run (no meta["apla_mm"]). To start APLA from its '
+                'weights use `load_from=<checkpoint>` without --resume.')
+        self._check_compatible(meta)
+        if not self.config.full:
+            adapter.set_indices(
+                {name: info['index']
+                 for name, info in meta['layers'].items()})
+        self._restored = True
+
+    # ------------------------------------------------------------------
+    def _check_compatible(self, meta: dict) -> None:
+        saved = meta['config']
+        current = self.config.to_dict()
+        problems = []
+        for key in ('rank', 'seed', 'selection', 'targets', 'frozen_modules'):
+            if key == 'seed' and (current['index_file']
+                                  or current['selection'] == 'norm'):
+                continue
+            if saved.get(key) != current[key]:
+                problems.append(f'{key}: checkpoint {saved.get(key)!r}, '
+                                f'config {current[key]!r}')
+        layers = [layer.name for layer in self.adapter.layers]
+        if sorted(meta['layers']) != sorted(layers):
+            problems.append('adapted layers differ')
+        if not problems and not self.config.full \
+                and not self.adapter.needs_selection:
+            current_indices = self.adapter.indices()
+            if any(meta['layers'][n]['index'] != current_indices[n]
+                   for n in layers):
+                problems.append('selected channels differ (index_file?)')
+        if problems:
+            raise ValueError(
+                'The checkpoint being resumed was trained with different APLA '
+                'settings: ' + '; '.join(problems) + '. Resume with the '
+                "checkpoint's settings, or start a new run from its weights "
+                'with `load_from` instead of --resume.')
+
+    def _log_summary(self, runner) -> None:
+        adapter = self.adapter
+        model = unwrap_model(runner.model)
+        parts = count_parameters(model, shadow=adapter.shadow_parameters())
+        layer = adapter.layers[0]
+        rank = ('all' if self.config.full else
+                f'{self.config.rank} of {layer.out_features}')
+        selection = ('index file' if self.config.index_file else
+                     self.config.selection)
+        title = (f'APLA: {len(adapter.layers)} attention output projections '
+                 f'(e.g. {layer.name}), {rank} output channels each, '
+                 f'{selection} selection, seed {self.config.seed}; '
+                 f'{adapter.num_trainable():,} trainable entries in W_O.')
+        notes = {
+            p: 'frozen except W_O rows'
+            for p in self.config.frozen_modules if p in parts
+        }
+        print_log(format_report(parts, title, notes), logger='current')
+
+    def _write_indices(self, runner) -> None:
+        if is_main_process():
+            path = osp.join(runner.work_dir, 'apla_indices.json')
+            self.adapter.save_index_file(path)
+            print_log(f'APLA: channel selection written to {path}',
+                      logger='current')

@@ -1,0 +1,215 @@
+"""A timm Vision Transformer as a multi-level dense-prediction backbone."""
+import os.path as osp
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from mmengine.logging import print_log
+from mmengine.model import BaseModule
+
+from apla_mm.registry import MODELS
+
+
+def _is_remote(path: str) -> bool:
+    return '://' in path or path.startswith(('hf-hub:', 'hf_hub:', 'timm/'))
+
+
+def load_local_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """Read a state dict from a local ``.pth``/``.pt``/``.bin``/
+    ``.safetensors`` file (weights only, never from a hub).
+
+    Checkpoints that wrap the weights in a ``state_dict`` or ``model`` key
+    (mmengine, MAE, DeiT) are unwrapped and a ``module.`` prefix is removed.
+
+    Args:
+        path (str): Local file path.
+
+    Returns:
+        dict: Parameter name to tensor.
+    """
+    if _is_remote(path):
+        raise ValueError(
+            f'Pretrained weights are read from local files only, got {path!r}.'
+            ' Download the file yourself (e.g. with `huggingface-cli '
+            'download` or `wget`) and give its local path in '
+            "init_cfg=dict(type='Pretrained', checkpoint='path/to/file').")
+    if not osp.isfile(path):
+        raise FileNotFoundError(
+            f'Pretrained checkpoint {path!r} does not exist. Give the local '
+            "path of a .pth/.safetensors file in init_cfg['checkpoint'].")
+    from timm.models import load_state_dict
+    return load_state_dict(path, use_ema=False, weights_only=True)
+
+
+@MODELS.register_module()
+class TimmViT(BaseModule):
+    """Any timm ``VisionTransformer`` as a backbone returning NCHW maps.
+
+    The model is built with ``timm.create_model(model_name, pretrained=False,
+    dynamic_img_size=True, **model_kwargs)``, so inputs of any size divisible
+    by the patch size work (the position embedding is resampled per input).
+    Blocks after the last requested output, the classifier head and (unless
+    ``output_norm``) the final norm are pruned away.
+
+    Parameters keep timm's names under ``vit.``, e.g.
+    ``backbone.vit.blocks.3.attn.proj.weight`` inside a segmentor, so timm
+    checkpoints load unchanged and APLA's target patterns find ``attn.proj``.
+
+    Args:
+        model_name (str): A timm ViT name, e.g. ``'vit_base_patch16_224'``.
+            Architecture arguments in ``model_kwargs`` override the name's
+            defaults (``embed_dim``, ``depth``, ``num_heads``, ``patch_size``,
+            ``img_size``, ``drop_path_rate``, ...).
+        out_indices (Sequence[int]): Blocks whose outputs are returned, in
+            order; negative values count from the last block.
+            Defaults to the last block.
+        output_norm (bool): Apply the final LayerNorm to every output.
+            Defaults to False.
+        frozen (bool): Freeze every parameter (the frozen-backbone baseline).
+            Defaults to False.
+        with_cp (bool): Recompute block activations in backward (timm's
+            gradient checkpointing). Defaults to False.
+        model_kwargs (dict, optional): Extra arguments for
+            ``timm.create_model``.
+        init_cfg (dict, optional): ``dict(type='Pretrained',
+            checkpoint='local/file.pth', prefix=None)`` loads a local
+            ``.pth``/``.safetensors`` file through the model family's own
+            ``checkpoint_filter_fn`` (position-embedding and patch-embedding
+            resampling, DINOv2/CLIP/MAE key conversion). ``prefix`` keeps only
+            keys starting with it and strips it (e.g. ``'backbone.vit.'`` to
+            read a checkpoint of a whole segmentor). Nothing is ever
+            downloaded.
+    """
+
+    def __init__(self,
+                 model_name: str = 'vit_base_patch16_224',
+                 out_indices: Union[int, Sequence[int]] = (-1, ),
+                 output_norm: bool = False,
+                 frozen: bool = False,
+                 with_cp: bool = False,
+                 model_kwargs: Optional[dict] = None,
+                 init_cfg: Optional[dict] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        import timm
+        from timm.models.vision_transformer import VisionTransformer
+
+        kwargs = dict(dynamic_img_size=True)
+        kwargs.update(model_kwargs or {})
+        vit = timm.create_model(model_name, pretrained=False, **kwargs)
+        if not isinstance(vit, VisionTransformer):
+            raise TypeError(
+                f'TimmViT needs a timm VisionTransformer, but {model_name!r} '
+                f'builds a {type(vit).__name__}. Use a ViT name such as '
+                "'vit_base_patch16_224' (see timm.list_models('vit_*')).")
+        depth = len(vit.blocks)
+        if isinstance(out_indices, int):
+            out_indices = (out_indices, )
+        indices = []
+        for index in out_indices:
+            absolute = index + depth if index < 0 else index
+            if not 0 <= absolute < depth:
+                raise ValueError(f'out_indices {tuple(out_indices)} out of '
+                                 f'range for a ViT with {depth} blocks.')
+            indices.append(absolute)
+        if len(set(indices)) != len(indices):
+            raise ValueError(f'out_indices {tuple(out_indices)} repeat a '
+                             'block.')
+        self.out_indices: Tuple[int, ...] = tuple(indices)
+        self.output_norm = output_norm
+        self.model_name = model_name
+        vit.prune_intermediate_layers(
+            list(self.out_indices), prune_norm=not output_norm,
+            prune_head=True)
+        self.vit = vit
+        self.embed_dim: int = vit.embed_dim
+        self.patch_size: Tuple[int, int] = tuple(vit.patch_embed.patch_size)
+        self.frozen = frozen
+        if with_cp:
+            vit.set_grad_checkpointing(True)
+        if frozen:
+            self.requires_grad_(False)
+
+    def init_weights(self) -> None:
+        """Load ``init_cfg['checkpoint']`` or keep timm's initialisation."""
+        cfg = self.init_cfg or {}
+        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+            self.load_pretrained(cfg['checkpoint'], prefix=cfg.get('prefix'))
+            self._is_init = True
+            return
+        # timm initialised the weights at construction; BaseModule would call
+        # VisionTransformer.init_weights again with another random draw.
+        self._is_init = True
+
+    def load_pretrained(self,
+                        path: str,
+                        prefix: Optional[str] = None) -> List[str]:
+        """Load weights from a local file into the ViT.
+
+        Args:
+            path (str): ``.pth``/``.pt``/``.bin``/``.safetensors`` file.
+            prefix (str, optional): Keep only keys starting with ``prefix``
+                and strip it.
+
+        Returns:
+            list[str]: ViT parameter names the file did not provide.
+        """
+        state_dict = load_local_state_dict(path)
+        if prefix:
+            state_dict = {
+                k[len(prefix):]: v
+                for k, v in state_dict.items() if k.startswith(prefix)
+            }
+        filter_fn = getattr(
+            sys.modules[type(self.vit).__module__], 'checkpoint_filter_fn',
+            None)
+        if filter_fn is not None:
+            state_dict = filter_fn(state_dict, self.vit)
+        own = self.vit.state_dict()
+        matched = [k for k in state_dict if k in own]
+        if not matched:
+            raise KeyError(
+                f'No key of {path!r} matches the timm model {self.model_name!r}'
+                f' (checkpoint keys look like {list(state_dict)[:3]}). Set '
+                "init_cfg['prefix'] to the prefix in front of the ViT's keys.")
+        for key in matched:
+            if state_dict[key].shape != own[key].shape:
+                raise ValueError(
+                    f'{key}: checkpoint shape {tuple(state_dict[key].shape)} '
+                    f'!= model shape {tuple(own[key].shape)}; do model_name '
+                    'and model_kwargs describe the checkpoint\'s architecture?')
+        result = self.vit.load_state_dict(
+            {k: state_dict[k] for k in matched}, strict=False)
+        missing = list(result.missing_keys)
+        ignored = sorted(set(state_dict) - set(matched))
+        print_log(
+            f'TimmViT: loaded {len(matched)} tensors from {path}'
+            + (f'; missing in file: {missing}' if missing else '')
+            + (f'; unused from file: {ignored[:8]}'
+               f'{" ..." if len(ignored) > 8 else ""}' if ignored else ''),
+            logger='current')
+        return missing
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Return the requested blocks' tokens as ``(B, C, H/p, W/p)`` maps."""
+        h, w = x.shape[-2:]
+        ph, pw = self.patch_size
+        if h % ph or w % pw:
+            raise ValueError(
+                f'Input size {h}x{w} is not divisible by the patch size '
+                f'{ph}x{pw}; pad the input (e.g. the data preprocessor\'s '
+                'size_divisor) to a multiple of it.')
+        outs = self.vit.forward_intermediates(
+            x,
+            indices=list(self.out_indices),
+            norm=self.output_norm,
+            output_fmt='NCHW',
+            intermediates_only=True)
+        return tuple(outs)
+
+    def train(self, mode: bool = True) -> 'TimmViT':
+        super().train(mode)
+        if self.frozen:
+            # A frozen backbone behaves as at inference (no dropout/droppath).
+            self.vit.eval()
+        return self

@@ -1,0 +1,117 @@
+"""Config handling shared by ``tools/train.py`` and ``tools/test.py``.
+
+Both tools accept mmseg and mmdet configs; the config's ``default_scope``
+decides which library's conventions apply where the two differ (``--out``,
+``--show-dir``).
+"""
+import os
+import os.path as osp
+from typing import Iterable, List, Optional
+
+from mmengine.config import Config, ConfigDict
+
+_AMP_WRAPPERS = {
+    'OptimWrapper': 'AmpOptimWrapper',
+    'APLAOptimWrapper': 'APLAAmpOptimWrapper',
+}
+_AMP_TYPES = ('AmpOptimWrapper', 'PortableAmpOptimWrapper',
+              'APLAAmpOptimWrapper')
+
+
+def task_of(cfg: Config) -> str:
+    """``'seg'`` or ``'det'`` from the config's ``default_scope``."""
+    scope = cfg.get('default_scope')
+    if scope == 'mmseg':
+        return 'seg'
+    if scope == 'mmdet':
+        return 'det'
+    raise ValueError(
+        f'Config has default_scope={scope!r}; apla_mm tools run mmseg '
+        "('mmseg') and mmdet ('mmdet') configs. Inherit from an mmseg:: or "
+        'mmdet:: default_runtime, or set default_scope.')
+
+
+def default_work_dir(cfg: Config, config_path: str,
+                     work_dir: Optional[str]) -> str:
+    """CLI ``--work-dir`` > config ``work_dir`` > ``./work_dirs/<name>``."""
+    if work_dir is not None:
+        return work_dir
+    if cfg.get('work_dir') is not None:
+        return cfg.work_dir
+    return osp.join('./work_dirs', osp.splitext(osp.basename(config_path))[0])
+
+
+def enable_amp(cfg: Config, has_gpu: bool) -> str:
+    """Switch the optimizer wrapper to its mixed-precision variant.
+
+    ``OptimWrapper`` becomes ``AmpOptimWrapper`` (``PortableAmpOptimWrapper``
+    on a CPU, with bfloat16), ``APLAOptimWrapper`` becomes
+    ``APLAAmpOptimWrapper``.
+
+    Returns:
+        str: The wrapper type now in the config.
+    """
+    wrapper = cfg.optim_wrapper
+    current = wrapper.get('type', 'OptimWrapper')
+    if current in _AMP_TYPES:
+        return current
+    if current not in _AMP_WRAPPERS:
+        raise ValueError(
+            f'--amp supports optim_wrapper types {sorted(_AMP_WRAPPERS)}, got '
+            f'{current!r}; set a mixed-precision wrapper in the config '
+            'instead.')
+    new = _AMP_WRAPPERS[current]
+    if new == 'AmpOptimWrapper' and not has_gpu:
+        new = 'PortableAmpOptimWrapper'
+    wrapper.type = new
+    wrapper.setdefault('loss_scale', 'dynamic')
+    return new
+
+
+def setup_cpu_distributed(cfg: Config) -> None:
+    """Let ``--launcher pytorch`` run on CPUs: gloo, and DDP without devices.
+
+    mmengine's defaults assume GPUs (``nccl``, ``device_ids=[LOCAL_RANK]``).
+    """
+    env_cfg = cfg.setdefault('env_cfg', ConfigDict())
+    dist_cfg = env_cfg.setdefault('dist_cfg', ConfigDict())
+    dist_cfg['backend'] = 'gloo'
+    wrapper = cfg.get('model_wrapper_cfg') or ConfigDict(
+        type='MMDistributedDataParallel')
+    wrapper['device_ids'] = None
+    wrapper.setdefault('broadcast_buffers', False)
+    wrapper.setdefault('find_unused_parameters',
+                       cfg.get('find_unused_parameters', False))
+    cfg.model_wrapper_cfg = wrapper
+
+
+def _dataset_roots(dataloader_cfg) -> Iterable[str]:
+    if not dataloader_cfg:
+        return
+    dataset = dataloader_cfg.get('dataset', {})
+    while isinstance(dataset, dict) and 'dataset' in dataset:
+        dataset = dataset['dataset']  # wrappers such as RepeatDataset
+    datasets = dataset.get('datasets', [dataset]) if isinstance(
+        dataset, dict) else []
+    for ds in datasets:
+        root = ds.get('data_root')
+        if root:
+            yield root
+
+
+def check_data_roots(cfg: Config, loaders: List[str]) -> None:
+    """Fail early, with the fix, when a dataset folder does not exist."""
+    for loader in loaders:
+        for root in _dataset_roots(cfg.get(loader)):
+            if osp.isdir(root):
+                continue
+            hint = ''
+            if 'toy' in osp.basename(osp.normpath(root)):
+                hint = (' Generate the toy data first: python '
+                        'tools/make_toy_data.py --out '
+                        f'{osp.dirname(osp.normpath(root)) or "."}')
+            raise FileNotFoundError(
+                f'{loader}: data_root {root!r} does not exist (relative paths'
+                f' are taken from {os.getcwd()}).{hint} Or point the config '
+                f'at your data with --cfg-options {loader}.dataset.data_root'
+                '=PATH.')

@@ -1,0 +1,5 @@
+# APLA, all of W_O, on UperNet + timm ViT-B/16 (MLN), ADE20K 512x512.
+_base_ = ['../finetune/upernet_timm-vit-b16_mln_8xb2-160k_ade20k-512x512.py']
+custom_imports = dict(imports=['apla_mm'], allow_failed_imports=False)
+custom_hooks = [dict(type='APLAHook', rank='full', seed=0)]
+optim_wrapper = dict(type='APLAOptimWrapper')

@@ -1,0 +1,5 @@
+# APLA, rank 8 of 64 channels, on the tiny UperNet + timm ViT (toy set).
+_base_ = ['../finetune/upernet_timm-vit-tiny_mln_1xb8-600it_toyseg-64x64.py']
+custom_imports = dict(imports=['apla_mm'], allow_failed_imports=False)
+custom_hooks = [dict(type='APLAHook', rank=8, seed=0)]
+optim_wrapper = dict(type='APLAOptimWrapper')

@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint of an mmseg or mmdet config.
+
+The command line is that of mmseg's/mmdet's ``tools/test.py``::
+
+    python tools/test.py CONFIG CHECKPOINT
+    python tools/test.py CONFIG CHECKPOINT --show-dir vis --out preds
+
+``--out`` follows the config's library: a folder of predicted label maps for
+mmseg configs, a ``.pkl`` file of detections for mmdet configs.
+``--show-dir`` writes images with the predictions drawn.
+"""
+import argparse
+import os
+import os.path as osp
+
+from mmengine.config import Config, ConfigDict, DictAction
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
+
+import apla_mm  # noqa: F401  (registers modules, checkpoint loading fix)
+from apla_mm.utils.cli import (check_data_roots, default_work_dir,
+                               setup_cpu_distributed, task_of)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(
+        description='Test (and evaluate) a segmentor or detector (apla_mm)')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument(
+        '--work-dir', help='the directory to save the evaluation metrics')
+    parser.add_argument(
+        '--out',
+        type=str,
+        help='save predictions: a folder for mmseg configs, a .pkl file for '
+        'mmdet configs')
+    parser.add_argument(
+        '--show', action='store_true', help='show prediction results')
+    parser.add_argument(
+        '--show-dir',
+        help='directory where images with the predictions drawn are saved')
+    parser.add_argument(
+        '--wait-time', type=float, default=2, help='the interval of show (s)')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override settings in the config, key=value pairs')
+    parser.add_argument(
+        '--launcher',
+        choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none',
+        help='job launcher')
+    parser.add_argument(
+        '--tta', action='store_true', help='test-time augmentation')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args()
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def trigger_visualization(cfg: Config, args, task: str) -> None:
+    hooks = cfg.get('default_hooks', {})
+    if 'visualization' not in hooks:
+        raise RuntimeError(
+            '--show/--show-dir need a visualization hook in default_hooks, '
+            "e.g. visualization=dict(type='SegVisualizationHook').")
+    vis = hooks['visualization']
+    vis['draw'] = True
+    if args.show:
+        vis['show'] = True
+        vis['wait_time'] = args.wait_time
+    if args.show_dir:
+        if task == 'det':
+            vis['test_out_dir'] = osp.abspath(args.show_dir)
+        else:
+            cfg.visualizer['save_dir'] = args.show_dir
+            vis['interval'] = 1  # mmseg draws every `interval`-th batch
+
+
+def main():
+    args = parse_args()
+    if not osp.isfile(args.checkpoint):
+        raise FileNotFoundError(f'checkpoint {args.checkpoint!r} does not '
+                                'exist')
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    task = task_of(cfg)
+    if task == 'det':
+        from mmdet.utils import setup_cache_size_limit_of_dynamo
+        setup_cache_size_limit_of_dynamo()
+    cfg.work_dir = default_work_dir(cfg, args.config, args.work_dir)
+    cfg.load_from = args.checkpoint
+    if args.launcher != 'none':
+        import torch
+        if not torch.cuda.is_available():
+            setup_cpu_distributed(cfg)
+    if args.show or args.show_dir:
+        trigger_visualization(cfg, args, task)
+    if args.tta:
+        if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
+            raise RuntimeError('--tta needs tta_model and tta_pipeline in the '
+                               'config.')
+        cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+        cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
+    if args.out is not None and task == 'seg':
+        cfg.test_evaluator['output_dir'] = args.out
+        cfg.test_evaluator['keep_results'] = True
+    if args.out is not None and task == 'det' and not args.out.endswith(
+            ('.pkl', '.pickle')):
+        raise ValueError('--out for detection configs must be a .pkl file')
+    check_data_roots(cfg, ['test_dataloader'])
+
+    if 'runner_type' not in cfg:
+        runner = Runner.from_cfg(cfg)
+    else:
+        runner = RUNNERS.build(cfg)
+    if args.out is not None and task == 'det':
+        from mmdet.evaluation import DumpDetResults
+        runner.test_evaluator.metrics.append(
+            DumpDetResults(out_file_path=args.out))
+    runner.test()
+
+
+if __name__ == '__main__':
+    main()

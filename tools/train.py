@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Train an mmseg or mmdet model (with APLA or a baseline) from a config.
+
+The command line is that of mmseg's/mmdet's ``tools/train.py``::
+
+    python tools/train.py configs/apla/apla-r16_upernet_vit-tiny_mln_1xb8-600it_toyseg-64x64.py
+    python tools/train.py CONFIG --work-dir work_dirs/run --amp --resume
+    bash tools/dist_train.sh CONFIG 8         # torchrun, --launcher pytorch
+"""
+import argparse
+import os
+
+import torch
+from mmengine.config import Config, DictAction
+from mmengine.logging import print_log
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
+
+import apla_mm  # noqa: F401  (registers modules, checkpoint loading fix)
+from apla_mm.utils.cli import (check_data_roots, default_work_dir,
+                               enable_amp, setup_cpu_distributed, task_of)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(
+        description='Train a segmentor or detector (apla_mm)')
+    parser.add_argument('config', help='train config file path')
+    parser.add_argument('--work-dir', help='the dir to save logs and models')
+    parser.add_argument(
+        '--resume',
+        nargs='?',
+        type=str,
+        const='auto',
+        help='resume from the given checkpoint, or without a value from the '
+        'latest checkpoint in the work directory')
+    parser.add_argument(
+        '--amp',
+        action='store_true',
+        default=False,
+        help='enable automatic mixed precision (float16 with loss scaling on '
+        'GPUs, bfloat16 on CPUs)')
+    parser.add_argument(
+        '--auto-scale-lr',
+        action='store_true',
+        help='scale the learning rate with the total batch size '
+        '(needs auto_scale_lr.base_batch_size in the config)')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override settings in the config, key=value pairs merged into '
+        'it, e.g. train_cfg.max_iters=100 '
+        "custom_hooks.0.rank=32 'model.backbone.out_indices=[1,3]'")
+    parser.add_argument(
+        '--launcher',
+        choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none',
+        help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args()
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def main():
+    args = parse_args()
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    task = task_of(cfg)
+    if task == 'det':
+        from mmdet.utils import setup_cache_size_limit_of_dynamo
+        setup_cache_size_limit_of_dynamo()
+
+    cfg.work_dir = default_work_dir(cfg, args.config, args.work_dir)
+    has_gpu = torch.cuda.is_available()
+    if args.amp:
+        wrapper = enable_amp(cfg, has_gpu)
+        print_log(f'--amp: optimizer wrapper is {wrapper}', logger='current')
+    if args.launcher != 'none' and not has_gpu:
+        setup_cpu_distributed(cfg)
+    if args.auto_scale_lr:
+        if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
+            raise RuntimeError(
+                '--auto-scale-lr needs auto_scale_lr = dict('
+                'base_batch_size=N) in the config.')
+        cfg.auto_scale_lr.enable = True
+    if args.resume == 'auto':
+        cfg.resume = True
+        cfg.load_from = None
+    elif args.resume is not None:
+        if not os.path.isfile(args.resume):
+            raise FileNotFoundError(f'--resume {args.resume}: no such file')
+        cfg.resume = True
+        cfg.load_from = args.resume
+    check_data_roots(cfg, ['train_dataloader', 'val_dataloader'])
+
+    if 'runner_type' not in cfg:
+        runner = Runner.from_cfg(cfg)
+    else:
+        runner = RUNNERS.build(cfg)
+    runner.train()
+
+
+if __name__ == '__main__':
+    main()
