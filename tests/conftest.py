@@ -38,3 +38,62 @@ def toy_coco_root(toy_root):
 
 def config_path(*parts: str) -> str:
     return osp.join(CONFIGS, *parts)
+
+
+class TinySegmentor:
+    """Factory of small models with the structure of a segmentor
+    (``backbone`` + a head), for adapter tests without a Runner."""
+
+    @staticmethod
+    def timm(depth: int = 2, dim: int = 32, heads: int = 2, seed: int = 0):
+        import torch
+        import torch.nn as nn
+
+        from apla_mm.models import TimmViT
+        torch.manual_seed(seed)
+
+        class Model(nn.Module):
+
+            def __init__(self):
+                super().__init__()
+                self.backbone = TimmViT(
+                    'vit_base_patch16_224',
+                    out_indices=(depth - 1, ),
+                    model_kwargs=dict(
+                        img_size=32, patch_size=8, embed_dim=dim, depth=depth,
+                        num_heads=heads))
+                self.head = nn.Conv2d(dim, 3, 1)
+
+            def forward(self, x):
+                return self.head(self.backbone(x)[-1])
+
+        return Model()
+
+    @staticmethod
+    def mmseg(depth: int = 2, dim: int = 32, heads: int = 2, seed: int = 0):
+        import torch
+        import torch.nn as nn
+        from mmseg.models.backbones import VisionTransformer
+        torch.manual_seed(seed)
+
+        class Model(nn.Module):
+
+            def __init__(self):
+                super().__init__()
+                self.backbone = VisionTransformer(
+                    img_size=(32, 32), patch_size=8, embed_dims=dim,
+                    num_layers=depth, num_heads=heads,
+                    out_indices=(depth - 1, ))
+                self.backbone.init_weights()
+                self.head = nn.Conv2d(dim, 3, 1)
+
+            def forward(self, x):
+                return self.head(self.backbone(x)[-1])
+
+        return Model()
+
+
+@pytest.fixture(params=['timm', 'mmseg'])
+def tiny_model_factory(request):
+    """Builds a fresh tiny model of the parametrised ViT family."""
+    return getattr(TinySegmentor, request.param)

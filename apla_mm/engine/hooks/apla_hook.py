@@ -88,6 +88,15 @@ class APLAHook(Hook):
         self.adapter: Optional[APLAAdapter] = None
         self._restored = False
 
+    def build_adapter(self, model) -> APLAAdapter:
+        """Apply APLA to a model outside a Runner (e.g. for benchmarks).
+
+        The caller trains ``adapter.adapted_parameters()`` plus the model's
+        other trainable parameters and calls ``adapter.sync_()`` after each
+        optimizer step.
+        """
+        return APLAAdapter(model, self.config)
+
     # ------------------------------------------------------------------
     def before_run(self, runner) -> None:
         if not is_training(runner) or self.adapter is not None:
@@ -101,7 +110,7 @@ class APLAHook(Hook):
                 "'APLAAmpOptimWrapper' for mixed precision; tools/train.py "
                 '--amp switches to it).')
         model = unwrap_model(runner.model)
-        self.adapter = adapter = APLAAdapter(model, self.config)
+        self.adapter = adapter = self.build_adapter(model)
         rebind_optimizer(optim_wrapper.optimizer, adapter.replacements(),
                          model)
         optim_wrapper.bind_adapter(adapter)

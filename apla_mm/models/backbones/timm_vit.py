@@ -96,7 +96,13 @@ class TimmViT(BaseModule):
 
         kwargs = dict(dynamic_img_size=True)
         kwargs.update(model_kwargs or {})
-        vit = timm.create_model(model_name, pretrained=False, **kwargs)
+        try:
+            vit = timm.create_model(model_name, pretrained=False, **kwargs)
+        except TypeError as e:
+            raise TypeError(
+                f'Could not build timm model {model_name!r} with {kwargs}: '
+                f'{e}. TimmViT needs a timm VisionTransformer name (see '
+                "timm.list_models('vit_*')) and arguments it accepts.") from e
         if not isinstance(vit, VisionTransformer):
             raise TypeError(
                 f'TimmViT needs a timm VisionTransformer, but {model_name!r} '

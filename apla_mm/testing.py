@@ -1,0 +1,126 @@
+"""Helpers for tests of apla_mm and of projects built on it.
+
+They turn a repository config into a few-iteration run on the toy data and
+record parameters around training, so tests can assert on what changed.
+"""
+import copy
+import os.path as osp
+from typing import Dict, Optional
+
+import torch
+from mmengine.config import Config
+from mmengine.hooks import Hook
+
+from apla_mm.peft.utils import unwrap_model
+
+REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
+def repo_config(path: str) -> str:
+    """Absolute path of a config under the repository's ``configs/``."""
+    return osp.join(REPO_ROOT, 'configs', path)
+
+
+def _set_data_root(loader_cfg, data_root: str) -> None:
+    dataset = loader_cfg['dataset']
+    while 'dataset' in dataset:
+        dataset = dataset['dataset']
+    dataset['data_root'] = data_root
+
+
+def short_run_cfg(config: str,
+                  work_dir: str,
+                  data_root: Optional[str] = None,
+                  max_iters: int = 4,
+                  val: bool = False,
+                  checkpoint_interval: Optional[int] = None,
+                  batch_size: Optional[int] = None,
+                  **options) -> Config:
+    """Load ``config`` and shrink it to a ``max_iters`` training run.
+
+    Args:
+        config (str): Config path (absolute, or relative to ``configs/``).
+        work_dir (str): Work directory of the run.
+        data_root (str, optional): Replaces every dataloader's data root.
+        max_iters (int): Training iterations.
+        val (bool): Validate at the end of training.
+        checkpoint_interval (int, optional): Save every this many iterations
+            (default: only at the end).
+        batch_size (int, optional): Training batch size.
+        **options: Merged with :meth:`Config.merge_from_dict` last.
+
+    Returns:
+        Config: Ready for ``Runner.from_cfg``.
+    """
+    if not osp.isabs(config):
+        config = repo_config(config)
+    cfg = Config.fromfile(config)
+    cfg.work_dir = work_dir
+    cfg.launcher = 'none'
+    if data_root is not None:
+        for loader in ('train_dataloader', 'val_dataloader',
+                       'test_dataloader'):
+            if cfg.get(loader):
+                _set_data_root(cfg[loader], data_root)
+    if batch_size is not None:
+        cfg.train_dataloader.batch_size = batch_size
+    cfg.train_cfg = dict(
+        type='IterBasedTrainLoop',
+        max_iters=max_iters,
+        val_interval=max_iters if val else max_iters + 1)
+    if not val:
+        cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
+    cfg.param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False)]
+    cfg.default_hooks.checkpoint = dict(
+        type='CheckpointHook',
+        by_epoch=False,
+        interval=checkpoint_interval or max_iters)
+    cfg.default_hooks.logger = dict(
+        type='LoggerHook', interval=1, log_metric_by_epoch=False)
+    cfg.default_hooks.pop('visualization', None)
+    cfg.log_level = 'WARNING'
+    cfg.merge_from_dict(options)
+    return cfg
+
+
+class ParamSnapshotHook(Hook):
+    """Record every parameter and buffer at ``before_train`` and
+    ``after_train`` (after any adapter was applied and the weights were
+    loaded), keyed by the plain model's state-dict names.
+    """
+
+    priority = 'LOWEST'
+
+    def __init__(self) -> None:
+        self.before: Dict[str, torch.Tensor] = {}
+        self.after: Dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _snapshot(runner) -> Dict[str, torch.Tensor]:
+        model = unwrap_model(runner.model)
+        return {
+            k: v.detach().clone()
+            for k, v in model.state_dict().items()
+        }
+
+    def before_train(self, runner) -> None:
+        self.before = self._snapshot(runner)
+
+    def after_train(self, runner) -> None:
+        self.after = self._snapshot(runner)
+
+    def changed(self) -> Dict[str, bool]:
+        """Whether each entry differs bitwise between the two snapshots."""
+        return {
+            k: not torch.equal(v, self.after[k])
+            for k, v in self.before.items()
+        }
+
+
+def build_runner(cfg: Config, *hooks: Hook):
+    """``Runner.from_cfg`` on a copy of ``cfg``, with extra hook objects."""
+    from mmengine.runner import Runner
+    runner = Runner.from_cfg(copy.deepcopy(cfg))
+    for hook in hooks:
+        runner.register_hook(hook)
+    return runner
