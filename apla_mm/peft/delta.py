@@ -5,7 +5,9 @@ A checkpoint of an APLA run is a full model. Everything in its frozen modules
 W_O, so the run is fully described by those rows plus the modules that
 trained (neck, heads: parameters *and* buffers such as BatchNorm
 statistics). :func:`export_delta` keeps exactly that; :func:`merge_delta`
-writes it back into a full state dict of the base model.
+writes it back into a full state dict of the base model. LoRA runs are
+handled alike: the delta holds the factors ``A``, ``B``, and merging adds
+``alpha / r * B @ A`` to the base weights.
 
 The delta also stores a fingerprint of everything it does *not* contain, as
 found in the trained checkpoint. Merging checks that the base model has the
@@ -43,9 +45,16 @@ def _row_mask(out_features: int, index: Optional[List[int]]) -> torch.Tensor:
     return mask
 
 
+def _is_lora_factor(key: str) -> bool:
+    return key.endswith(('.lora_A', '.lora_B'))
+
+
 def _adapted_entries(meta: dict) -> Dict[str, Tuple[str, Optional[list]]]:
-    """``state-dict key -> (layer name, row index or None)`` of W_O entries."""
+    """``state-dict key -> (layer name, row index or None)`` of the APLA
+    entries (empty for other methods)."""
     out = {}
+    if meta.get('method') != 'apla':
+        return out
     for layer, info in meta['layers'].items():
         out[layer + '.weight'] = (layer, info['index'])
         if info.get('has_bias', True):
@@ -62,7 +71,8 @@ def base_fingerprint(state_dict: StateDict, meta: dict) -> str:
     adapted = _adapted_entries(meta)
     digest = hashlib.sha256()
     for key in sorted(state_dict):
-        if not _in_modules(key, meta['frozen_modules']):
+        if not _in_modules(key, meta['frozen_modules']) \
+                or _is_lora_factor(key):
             continue
         value = state_dict[key]
         if not isinstance(value, torch.Tensor):
@@ -93,22 +103,23 @@ def read_meta(checkpoint: dict) -> dict:
 
 
 def export_delta(checkpoint: dict) -> dict:
-    """Extract the trained tensors of an APLA checkpoint.
+    """Extract the trained tensors of an APLA or LoRA checkpoint.
 
     Args:
         checkpoint (dict): An mmengine checkpoint (``meta``, ``state_dict``)
-            saved by a run with :class:`~apla_mm.engine.APLAHook`.
+            saved by a run with :class:`~apla_mm.engine.APLAHook` or
+            :class:`~apla_mm.engine.LoRAHook`.
 
     Returns:
         dict: ``{'meta': ..., 'state_dict': ...}`` where the state dict holds
         the selected rows of every adapted weight/bias (``r x in`` and
-        ``r``; full tensors for ``rank='full'``) under the original key, and
-        every entry outside the frozen modules.
+        ``r``; full tensors for ``rank='full'``) under the original key, or
+        the LoRA factors, and every entry outside the frozen modules.
     """
     meta = read_meta(checkpoint)
-    if meta.get('method') != 'apla':
-        raise ValueError(f"export_delta handles APLA checkpoints, got method "
-                         f"{meta.get('method')!r}")
+    if meta.get('method') not in ('apla', 'lora'):
+        raise ValueError(f"export_delta handles APLA and LoRA checkpoints, "
+                         f"got method {meta.get('method')!r}")
     state = checkpoint['state_dict']
     adapted = _adapted_entries(meta)
     delta: StateDict = {}
@@ -118,9 +129,16 @@ def export_delta(checkpoint: dict) -> dict:
             delta[key] = (value.clone() if index is None else
                           value.index_select(
                               0, torch.as_tensor(index, dtype=torch.long)))
-        elif not _in_modules(key, meta['frozen_modules']):
+        elif _is_lora_factor(key) or not _in_modules(
+                key, meta['frozen_modules']):
             delta[key] = value.clone()
     missing = [k for k in adapted if k not in state]
+    if meta['method'] == 'lora':
+        missing += [
+            f'{name}.{factor}' for name in meta['layers']
+            for factor in ('lora_A', 'lora_B')
+            if f'{name}.{factor}' not in state
+        ]
     if missing:
         raise KeyError(f'checkpoint lacks adapted entries {missing[:3]}')
     return dict(
@@ -155,6 +173,11 @@ def merge_delta(base_state: StateDict,
     meta = delta['meta'][META_KEY]
     adapted = _adapted_entries(meta)
     missing = [k for k in adapted if k not in base_state]
+    if meta['method'] == 'lora':
+        missing += [
+            f'{name}.{info["param"]}' for name, info in meta['layers'].items()
+            if f'{name}.{info["param"]}' not in base_state
+        ]
     if missing:
         raise DeltaMismatchError(
             f'the base model has no {missing[0]!r} (and {len(missing) - 1} '
@@ -168,8 +191,20 @@ def merge_delta(base_state: StateDict,
                 'pretrained weights (the model as initialised for training), '
                 'or pass check_fingerprint=False / --no-check if you know '
                 'what you are doing.')
-    merged = {k: v.clone() for k, v in base_state.items()}
+    merged = {
+        k: v.clone()
+        for k, v in base_state.items() if not _is_lora_factor(k)
+    }
+    if meta['method'] == 'lora':
+        scale = meta['config']['alpha'] / meta['config']['rank']
+        for name, info in meta['layers'].items():
+            key = f'{name}.{info["param"]}'
+            a = delta['state_dict'][f'{name}.lora_A'].float()
+            b = delta['state_dict'][f'{name}.lora_B'].float()
+            merged[key] = merged[key] + (b @ a * scale).to(merged[key].dtype)
     for key, value in delta['state_dict'].items():
+        if _is_lora_factor(key):
+            continue
         if key in adapted:
             _, index = adapted[key]
             if index is None:

@@ -3,22 +3,17 @@ import os.path as osp
 from typing import Optional, Sequence, Union
 
 from mmengine.dist import is_main_process
-from mmengine.hooks import Hook
 from mmengine.logging import print_log
 
 from apla_mm.peft.apla import APLAAdapter, APLAConfig, Rank
-from apla_mm.peft.optim import rebind_optimizer
-from apla_mm.peft.report import count_parameters, format_report
-from apla_mm.peft.utils import unwrap_model
 from apla_mm.registry import HOOKS
 from ..optim_wrappers.apla_optim_wrapper import APLAOptimWrapperMixin
-from ..runner_utils import check_same_on_all_ranks, is_training, rewrap_ddp
-
-META_KEY = 'apla_mm'
+from ..runner_utils import check_same_on_all_ranks
+from .peft_hook import BasePEFTHook
 
 
 @HOOKS.register_module()
-class APLAHook(Hook):
+class APLAHook(BasePEFTHook):
     """Train only ``rank`` output channels of every attention W_O.
 
     APLA (Sorkhei et al., arXiv 2503.11335) adapts a pretrained ViT by
@@ -33,12 +28,12 @@ class APLAHook(Hook):
     What it does, in the Runner's order:
 
     * ``before_run`` (training only): chooses the channels, freezes the
-      ``frozen_modules``, creates the trainable rows, moves the
-      already-built optimizer onto them (groups and their settings kept),
-      rebuilds a DDP wrapper so that frozen parameters are not synchronised,
-      binds the :class:`~apla_mm.engine.APLAOptimWrapper`, logs the
-      trainable-parameter report and writes ``apla_indices.json`` to the
-      work dir.
+      ``frozen_modules``, creates the trainable rows, moves the already-built
+      optimizer onto them, rebuilds a DDP wrapper, binds the
+      :class:`~apla_mm.engine.APLAOptimWrapper` (which copies the rows into
+      the weights after each step), logs the trainable-parameter report and
+      writes ``apla_indices.json`` to the work dir (see
+      :class:`BasePEFTHook`).
     * ``after_load_checkpoint`` (``--resume``): checks that the checkpoint
       was trained with the same rank/seed/targets and restores its channels.
     * ``before_train``: reloads the rows from the (now initialised or
@@ -67,7 +62,8 @@ class APLAHook(Hook):
             dir. Defaults to True.
     """
 
-    priority = 'VERY_HIGH'
+    method = 'apla'
+    frozen_note = 'frozen except W_O rows'
 
     def __init__(self,
                  rank: Rank = 64,
@@ -77,6 +73,7 @@ class APLAHook(Hook):
                  index_file: Optional[str] = None,
                  frozen_modules: Sequence[str] = ('backbone', ),
                  save_index_file: bool = True) -> None:
+        super().__init__()
         self.config = APLAConfig(
             rank=rank,
             seed=seed,
@@ -85,23 +82,15 @@ class APLAHook(Hook):
             index_file=index_file,
             frozen_modules=tuple(frozen_modules))
         self.save_index_file = save_index_file
-        self.adapter: Optional[APLAAdapter] = None
-        self._restored = False
 
     def build_adapter(self, model) -> APLAAdapter:
-        """Apply APLA to a model outside a Runner (e.g. for benchmarks).
-
-        The caller trains ``adapter.adapted_parameters()`` plus the model's
-        other trainable parameters and calls ``adapter.sync_()`` after each
-        optimizer step.
-        """
+        """Apply APLA to a model (also usable outside a Runner, e.g. for
+        benchmarks: train ``adapter.adapted_parameters()`` and the model's
+        other trainable parameters, call ``adapter.sync_()`` after each
+        optimizer step)."""
         return APLAAdapter(model, self.config)
 
-    # ------------------------------------------------------------------
-    def before_run(self, runner) -> None:
-        if not is_training(runner) or self.adapter is not None:
-            return
-        optim_wrapper = runner.optim_wrapper
+    def check_optim_wrapper(self, optim_wrapper) -> None:
         if not isinstance(optim_wrapper, APLAOptimWrapperMixin):
             raise TypeError(
                 'APLAHook needs the APLA optimizer wrapper, got '
@@ -109,21 +98,15 @@ class APLAHook(Hook):
                 "type='APLAOptimWrapper', optimizer=...) (or "
                 "'APLAAmpOptimWrapper' for mixed precision; tools/train.py "
                 '--amp switches to it).')
-        model = unwrap_model(runner.model)
-        self.adapter = adapter = self.build_adapter(model)
-        rebind_optimizer(optim_wrapper.optimizer, adapter.replacements(),
-                         model)
-        optim_wrapper.bind_adapter(adapter)
-        if rewrap_ddp(runner):
-            print_log(
-                'APLA: rebuilt the DDP wrapper; frozen parameters are not '
-                'synchronised.', logger='current')
-        check_same_on_all_ranks(
-            dict(config=self.config.to_dict(), indices=adapter.indices()),
-            'The APLA channel selection')
-        self._log_summary(runner)
-        if self.save_index_file and not self.config.full \
-                and not adapter.needs_selection:
+
+    def bind_optim_wrapper(self, optim_wrapper) -> None:
+        optim_wrapper.bind_adapter(self.adapter)
+
+    def before_run(self, runner) -> None:
+        fresh = self.adapter is None
+        super().before_run(runner)
+        if fresh and self.adapter is not None and self.save_index_file \
+                and not self.config.full and not self.adapter.needs_selection:
             self._write_indices(runner)
 
     def before_train(self, runner) -> None:
@@ -140,31 +123,7 @@ class APLAHook(Hook):
             # The weights were (re)initialised or loaded after before_run.
             adapter.refresh_rows_()
 
-    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        if self.adapter is not None:
-            checkpoint.setdefault('meta', {})[META_KEY] = self.adapter.meta()
-
-    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        adapter = self.adapter
-        if adapter is None or not getattr(runner, '_resume', False):
-            # Testing, or `load_from`: the state dict is a plain model whose
-            # selected rows become the trainable rows when it is loaded.
-            return
-        meta = checkpoint.get('meta', {}).get(META_KEY)
-        if meta is None or meta.get('method') != 'apla':
-            raise ValueError(
-                'Cannot resume APLA from a checkpoint that was not written by '
-                'an APLA run (no meta["apla_mm"]). To start APLA from its '
-                'weights use `load_from=<checkpoint>` without --resume.')
-        self._check_compatible(meta)
-        if not self.config.full:
-            adapter.set_indices(
-                {name: info['index']
-                 for name, info in meta['layers'].items()})
-        self._restored = True
-
-    # ------------------------------------------------------------------
-    def _check_compatible(self, meta: dict) -> None:
+    def check_resume(self, meta: dict) -> None:
         saved = meta['config']
         current = self.config.to_dict()
         problems = []
@@ -190,25 +149,23 @@ class APLAHook(Hook):
                 'settings: ' + '; '.join(problems) + '. Resume with the '
                 "checkpoint's settings, or start a new run from its weights "
                 'with `load_from` instead of --resume.')
+        if not self.config.full:
+            # Restore the checkpoint's channels (before its weights load).
+            self.adapter.set_indices(
+                {name: info['index']
+                 for name, info in meta['layers'].items()})
 
-    def _log_summary(self, runner) -> None:
+    def summary_title(self) -> str:
         adapter = self.adapter
-        model = unwrap_model(runner.model)
-        parts = count_parameters(model, shadow=adapter.shadow_parameters())
         layer = adapter.layers[0]
         rank = ('all' if self.config.full else
                 f'{self.config.rank} of {layer.out_features}')
         selection = ('index file' if self.config.index_file else
                      self.config.selection)
-        title = (f'APLA: {len(adapter.layers)} attention output projections '
-                 f'(e.g. {layer.name}), {rank} output channels each, '
-                 f'{selection} selection, seed {self.config.seed}; '
-                 f'{adapter.num_trainable():,} trainable entries in W_O.')
-        notes = {
-            p: 'frozen except W_O rows'
-            for p in self.config.frozen_modules if p in parts
-        }
-        print_log(format_report(parts, title, notes), logger='current')
+        return (f'APLA: {len(adapter.layers)} attention output projections '
+                f'(e.g. {layer.name}), {rank} output channels each, '
+                f'{selection} selection, seed {self.config.seed}; '
+                f'{adapter.num_trainable():,} trainable entries in W_O.')
 
     def _write_indices(self, runner) -> None:
         if is_main_process():

@@ -1,0 +1,129 @@
+"""What every PEFT hook does to the Runner, whichever the method."""
+from mmengine.hooks import Hook
+from mmengine.logging import print_log
+
+from apla_mm.peft.optim import rebind_optimizer
+from apla_mm.peft.report import count_parameters, format_report
+from apla_mm.peft.utils import unwrap_model
+from ..runner_utils import check_same_on_all_ranks, is_training, rewrap_ddp
+
+META_KEY = 'apla_mm'
+
+
+class BasePEFTHook(Hook):
+    """Apply a PEFT adapter to the Runner's model before training.
+
+    mmengine builds the model, its DDP wrapper and the optimizer before any
+    hook runs. In ``before_run`` of a training run this hook therefore
+
+    1. builds the adapter on the unwrapped model (:meth:`build_adapter`),
+       which freezes the backbone and creates the trainable tensors;
+    2. moves the existing optimizer onto them: each adapted weight's place
+       in its parameter group goes to its stand-ins, frozen parameters leave
+       (no state or gradient for them; groups and schedulers unchanged);
+    3. rebuilds a DDP wrapper with the same settings, so that frozen
+       parameters are not synchronised and the new ones are;
+    4. checks that every process made the same choices and logs the
+       trainable-parameter report.
+
+    It stores the adapter's description in ``meta['apla_mm']`` of every
+    checkpoint and, on ``--resume``, refuses a checkpoint trained with other
+    settings (:meth:`check_resume`).
+
+    Subclasses set :attr:`method` and implement :meth:`build_adapter`.
+    """
+
+    priority = 'VERY_HIGH'
+    #: Name stored in the checkpoint meta (``'apla'``, ``'lora'``).
+    method = ''
+    #: How the report describes the frozen modules.
+    frozen_note = 'frozen except the adapter'
+    #: Whether validation/testing outside training needs the adapter too
+    #: (e.g. to load LoRA factors); APLA's checkpoints are plain models.
+    apply_for_inference = False
+
+    def __init__(self) -> None:
+        self.adapter = None
+        self._restored = False
+
+    # -- to implement --------------------------------------------------
+    def build_adapter(self, model):
+        """Apply the method to ``model`` (in place) and return the adapter."""
+        raise NotImplementedError
+
+    def check_optim_wrapper(self, optim_wrapper) -> None:
+        """Raise if the optimizer wrapper cannot train this method."""
+
+    def bind_optim_wrapper(self, optim_wrapper) -> None:
+        """Hand the adapter to the optimizer wrapper if it needs it."""
+
+    def check_resume(self, meta: dict) -> None:
+        """Raise unless a checkpoint's meta matches the current settings."""
+        if meta.get('config') != self.adapter.meta()['config']:
+            raise ValueError(
+                f'The checkpoint being resumed was trained with other '
+                f'{self.method} settings ({meta.get("config")}) than the '
+                f'config ({self.adapter.meta()["config"]}). Resume with the '
+                "checkpoint's settings, or start a new run from its weights "
+                'with `load_from` instead of --resume.')
+
+    def summary_title(self) -> str:
+        return f'{self.method}: {self.adapter.num_trainable():,} trainable ' \
+            'entries in the adapted layers.'
+
+    # -- Runner stages -------------------------------------------------
+    def before_run(self, runner) -> None:
+        if self.adapter is not None:
+            return
+        training = is_training(runner)
+        if not training and not self.apply_for_inference:
+            return
+        if training:
+            self.check_optim_wrapper(runner.optim_wrapper)
+        model = unwrap_model(runner.model)
+        self.adapter = self.build_adapter(model)
+        if not training:
+            return
+        rebind_optimizer(runner.optim_wrapper.optimizer,
+                         self.adapter.replacements(), model)
+        self.bind_optim_wrapper(runner.optim_wrapper)
+        if rewrap_ddp(runner):
+            print_log(
+                f'{self.method}: rebuilt the DDP wrapper; frozen parameters '
+                'are not synchronised.', logger='current')
+        check_same_on_all_ranks(self.adapter.meta(),
+                                f'The {self.method} configuration')
+        self.log_summary(runner)
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        if self.adapter is not None:
+            checkpoint.setdefault('meta', {})[META_KEY] = self.adapter.meta()
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        if self.adapter is None or not is_training(runner) \
+                or not getattr(runner, '_resume', False):
+            # Testing, or `load_from`: the state dict is loaded as weights.
+            return
+        meta = checkpoint.get('meta', {}).get(META_KEY)
+        if meta is None or meta.get('method') != self.method:
+            raise ValueError(
+                f'Cannot resume a {self.method} run from a checkpoint that '
+                f'was not written by one (meta["apla_mm"] is '
+                f'{None if meta is None else meta.get("method")!r}). To start '
+                'from its weights use `load_from=<checkpoint>` without '
+                '--resume.')
+        self.check_resume(meta)
+        self._restored = True
+
+    # -- helpers -------------------------------------------------------
+    def log_summary(self, runner) -> None:
+        model = unwrap_model(runner.model)
+        parts = count_parameters(
+            model, shadow=self.adapter.shadow_parameters())
+        notes = {
+            p: self.frozen_note
+            for p in self.adapter.config.frozen_modules if p in parts
+        }
+        print_log(
+            format_report(parts, self.summary_title(), notes),
+            logger='current')
