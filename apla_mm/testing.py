@@ -12,6 +12,7 @@ from mmengine.config import Config
 from mmengine.hooks import Hook
 
 from apla_mm.peft.utils import unwrap_model
+from apla_mm.registry import HOOKS
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -124,3 +125,50 @@ def build_runner(cfg: Config, *hooks: Hook):
     for hook in hooks:
         runner.register_hook(hook)
     return runner
+
+
+@HOOKS.register_module()
+class RankStateDumpHook(Hook):
+    """Save each process's model state at the start and end of training.
+
+    Writes ``{work_dir}/rank{R}_state.pth`` holding ``before`` and ``after``
+    state dicts (plain keys), the names of the entries that are parameters
+    (not buffers), the PEFT adapter's ``meta`` if any, and the names of the
+    parameters the DDP wrapper synchronises. Used to check
+    multi-process runs (same weights and selections on every rank); add it
+    with ``custom_imports=['apla_mm.testing']``.
+    """
+
+    priority = 'LOWEST'
+
+    def __init__(self) -> None:
+        self.before: Dict[str, torch.Tensor] = {}
+
+    def before_train(self, runner) -> None:
+        self.before = ParamSnapshotHook._snapshot(runner)
+
+    def after_train(self, runner) -> None:
+        from mmengine.dist import get_rank
+        from torch.nn.parallel import DistributedDataParallel
+        meta = None
+        for hook in runner.hooks:
+            adapter = getattr(hook, 'adapter', None)
+            if adapter is not None:
+                meta = adapter.meta()
+        synced = None
+        if isinstance(runner.model, DistributedDataParallel):
+            module = runner.model.module
+            ignored = getattr(runner.model, 'parameters_to_ignore', set())
+            synced = sorted(
+                n for n, p in module.named_parameters()
+                if p.requires_grad and n not in ignored)
+        params = {n for n, _ in unwrap_model(runner.model).named_parameters()}
+        torch.save(
+            dict(
+                param_names=sorted(k for k in self.before if k in params),
+                before=self.before,
+                after=ParamSnapshotHook._snapshot(runner),
+                meta=meta,
+                ddp_synced=synced,
+                ddp_wrapper=type(runner.model).__name__),
+            osp.join(runner.work_dir, f'rank{get_rank()}_state.pth'))

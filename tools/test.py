@@ -98,7 +98,7 @@ def main():
     if args.launcher != 'none':
         import torch
         if not torch.cuda.is_available():
-            setup_cpu_distributed(cfg)
+            setup_cpu_distributed(cfg, args.launcher)
     if args.show or args.show_dir:
         trigger_visualization(cfg, args, task)
     if args.tta:

@@ -80,7 +80,7 @@ def main():
         wrapper = enable_amp(cfg, has_gpu)
         print_log(f'--amp: optimizer wrapper is {wrapper}', logger='current')
     if args.launcher != 'none' and not has_gpu:
-        setup_cpu_distributed(cfg)
+        setup_cpu_distributed(cfg, args.launcher)
     if args.auto_scale_lr:
         if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
             raise RuntimeError(

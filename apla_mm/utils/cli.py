@@ -4,11 +4,13 @@ Both tools accept mmseg and mmdet configs; the config's ``default_scope``
 decides which library's conventions apply where the two differ (``--out``,
 ``--show-dir``).
 """
+import logging
 import os
 import os.path as osp
 from typing import Iterable, List, Optional
 
 from mmengine.config import Config, ConfigDict
+from mmengine.logging import print_log
 
 _AMP_WRAPPERS = {
     'OptimWrapper': 'AmpOptimWrapper',
@@ -68,14 +70,33 @@ def enable_amp(cfg: Config, has_gpu: bool) -> str:
     return new
 
 
-def setup_cpu_distributed(cfg: Config) -> None:
+def setup_cpu_distributed(cfg: Config, launcher: str) -> None:
     """Let ``--launcher pytorch`` run on CPUs: gloo, and DDP without devices.
 
-    mmengine's defaults assume GPUs (``nccl``, ``device_ids=[LOCAL_RANK]``).
+    mmengine assumes GPUs here: ``init_dist`` calls
+    ``torch.cuda.set_device`` and the default DDP wrapper gets
+    ``device_ids=[LOCAL_RANK]``. On a machine without GPUs we open the gloo
+    process group ourselves (mmengine then skips ``init_dist``) and build
+    DDP without device ids.
     """
+    if launcher != 'pytorch':
+        raise RuntimeError(
+            f'--launcher {launcher} without GPUs is not supported (mmengine '
+            'binds every process to a GPU); use --launcher pytorch '
+            '(tools/dist_train.sh) for multi-process CPU runs.')
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group(backend='gloo')
     env_cfg = cfg.setdefault('env_cfg', ConfigDict())
     dist_cfg = env_cfg.setdefault('dist_cfg', ConfigDict())
     dist_cfg['backend'] = 'gloo'
+    # SyncBatchNorm only runs on GPUs: each process normalises on its own.
+    replaced = _replace_norm(cfg.model, 'SyncBN', 'BN')
+    if replaced:
+        print_log(
+            f'CPU distributed run: {replaced} SyncBN layer configs use BN '
+            'instead (SyncBN needs GPUs).', logger='current',
+            level=logging.WARNING)
     wrapper = cfg.get('model_wrapper_cfg') or ConfigDict(
         type='MMDistributedDataParallel')
     wrapper['device_ids'] = None
@@ -83,6 +104,20 @@ def setup_cpu_distributed(cfg: Config) -> None:
     wrapper.setdefault('find_unused_parameters',
                        cfg.get('find_unused_parameters', False))
     cfg.model_wrapper_cfg = wrapper
+
+
+def _replace_norm(node, old: str, new: str) -> int:
+    count = 0
+    if isinstance(node, dict):
+        if node.get('type') == old and 'type' in node:
+            node['type'] = new
+            count += 1
+        for value in node.values():
+            count += _replace_norm(value, old, new)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            count += _replace_norm(value, old, new)
+    return count
 
 
 def _dataset_roots(dataloader_cfg) -> Iterable[str]:
