@@ -328,3 +328,39 @@ def test_frozen_module_must_exist(tiny_model_factory):
     with pytest.raises(ValueError, match="'encoder' does not exist"):
         APLAAdapter(tiny_model_factory(),
                     APLAConfig(rank=4, frozen_modules=('encoder', )))
+
+
+def test_activation_checkpointing_gives_the_same_gradients(
+        tiny_model_factory):
+    plain = tiny_model_factory()
+    checkpointed = copy.deepcopy(plain)
+    a = APLAAdapter(plain, APLAConfig(rank=4))
+    b = APLAAdapter(checkpointed, APLAConfig(rank=4, with_cp=True))
+    assert len(b.checkpointed_blocks) == 2
+    assert all(n.split('.')[-2] in ('blocks', 'layers')
+               for n in b.checkpointed_blocks)
+    saved = []
+
+    def count(model):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = _loss(model, _batch())
+        return loss, sum(saved)
+
+    loss_a, saved_a = count(plain)
+    loss_b, saved_b = count(checkpointed)
+    assert saved_b < saved_a
+    loss_a.backward()
+    loss_b.backward()
+    for la, lb in zip(a.layers, b.layers):
+        torch.testing.assert_close(
+            lb.module._parameters['apla_weight'].grad,
+            la.module._parameters['apla_weight'].grad, rtol=1e-5, atol=1e-7)
+    types = {type(checkpointed.get_submodule(n)).__name__
+             for n in b.checkpointed_blocks}
+    assert all(t.startswith('Checkpointed') for t in types)
+    b.unload()
+    assert not any(
+        type(m).__name__.startswith(('Checkpointed', 'APLA'))
+        for m in checkpointed.modules())

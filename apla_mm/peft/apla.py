@@ -41,7 +41,8 @@ import torch
 import torch.nn as nn
 
 from .targets import ATTN_OUT_PATTERNS, Patterns, as_pattern_list, find_modules
-from .utils import remove_hooks, restore_class, swap_class
+from .utils import (disable_block_checkpointing, enable_block_checkpointing,
+                    remove_hooks, restore_class, swap_class)
 
 Rank = Union[int, str]
 SELECTIONS = ('random', 'norm')
@@ -87,6 +88,10 @@ class APLAConfig:
             ``{"block_0": [...], ...}`` files). Overrides ``selection``.
         frozen_modules (list[str]): Top-level modules that are frozen apart
             from the APLA rows. Defaults to ``('backbone',)``.
+        with_cp (bool): Recompute the activations of the transformer blocks
+            in backward instead of keeping them (activation checkpointing):
+            less memory, one more forward pass of the backbone. Defaults to
+            False.
     """
     rank: Rank = 64
     seed: int = 0
@@ -94,6 +99,7 @@ class APLAConfig:
     selection: str = 'random'
     index_file: Optional[str] = None
     frozen_modules: Tuple[str, ...] = field(default=('backbone', ))
+    with_cp: bool = False
 
     def __post_init__(self) -> None:
         check_rank(self.rank)
@@ -281,6 +287,10 @@ class APLAAdapter:
                           is not None, config.full))
         self._freeze()
         self._inject()
+        self.checkpointed_blocks: List[str] = (
+            enable_block_checkpointing(
+                model, [layer.name for layer in self.layers])
+            if config.with_cp else [])
         indices = None
         if config.index_file is not None:
             indices = load_index_file(config.index_file, self.layers,
@@ -468,6 +478,8 @@ class APLAAdapter:
         """
         self.sync_()
         remove_hooks(self._hooks)
+        disable_block_checkpointing(self.model, self.checkpointed_blocks)
+        self.checkpointed_blocks = []
         for layer in self.layers:
             m = layer.module
             if layer.full:

@@ -1,7 +1,10 @@
 """Small helpers shared by the PEFT methods."""
-from typing import Callable, Dict, Tuple, Type
+import re
+from typing import Callable, Dict, List, Sequence, Tuple, Type
 
+import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 _SWAPPED: Dict[Tuple[type, str], type] = {}
 
@@ -59,3 +62,52 @@ def remove_hooks(handles: Dict[str, Callable]) -> None:
     for handle in handles.values():
         handle.remove()
     handles.clear()
+
+
+_BLOCK_NAME = re.compile(r'(?:.*\.)?(?:blocks|layers)\.\d+$')
+
+
+def _checkpointed_forward(self, *args, **kwargs):
+    forward = base_class(self).forward
+    if self.training and torch.is_grad_enabled():
+        return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
+    return forward(self, *args, **kwargs)
+
+
+def enable_block_checkpointing(model: nn.Module,
+                               layer_names: Sequence[str]) -> List[str]:
+    """Recompute, in backward, the transformer blocks holding these layers.
+
+    Each adapted layer's nearest ancestor named ``...blocks.N`` or
+    ``...layers.N`` (timm, mmseg, mmpretrain ViT blocks) keeps only its input
+    for backward and runs its forward again when the gradient reaches it
+    (non-reentrant :func:`torch.utils.checkpoint.checkpoint`, so trainable
+    tensors inside frozen blocks still get their gradients).
+
+    Returns:
+        list[str]: Names of the checkpointed blocks.
+    """
+    blocks = []
+    for name in layer_names:
+        parts = name.split('.')
+        for end in range(len(parts) - 1, 0, -1):
+            candidate = '.'.join(parts[:end])
+            if _BLOCK_NAME.fullmatch(candidate):
+                if candidate not in blocks:
+                    blocks.append(candidate)
+                break
+        else:
+            raise ValueError(
+                f'with_cp: found no transformer block (a module named '
+                f'"blocks.N" or "layers.N") around {name!r}.')
+    for name in blocks:
+        swap_class(model.get_submodule(name), 'Checkpointed',
+                   {'forward': _checkpointed_forward})
+    return blocks
+
+
+def disable_block_checkpointing(model: nn.Module,
+                                blocks: Sequence[str]) -> None:
+    """Undo :func:`enable_block_checkpointing`."""
+    for name in blocks:
+        restore_class(model.get_submodule(name))

@@ -60,6 +60,10 @@ class APLAHook(BasePEFTHook):
             the rows. Defaults to ``('backbone',)``.
         save_index_file (bool): Write ``apla_indices.json`` into the work
             dir. Defaults to True.
+        with_cp (bool): Recompute the transformer blocks' activations in
+            backward (activation checkpointing): the backbone's activation
+            memory drops to one tensor per block, at the cost of a second
+            forward pass of the backbone. Defaults to False.
     """
 
     method = 'apla'
@@ -72,7 +76,8 @@ class APLAHook(BasePEFTHook):
                  selection: str = 'random',
                  index_file: Optional[str] = None,
                  frozen_modules: Sequence[str] = ('backbone', ),
-                 save_index_file: bool = True) -> None:
+                 save_index_file: bool = True,
+                 with_cp: bool = False) -> None:
         super().__init__()
         self.config = APLAConfig(
             rank=rank,
@@ -80,7 +85,8 @@ class APLAHook(BasePEFTHook):
             targets=targets,
             selection=selection,
             index_file=index_file,
-            frozen_modules=tuple(frozen_modules))
+            frozen_modules=tuple(frozen_modules),
+            with_cp=with_cp)
         self.save_index_file = save_index_file
 
     def build_adapter(self, model) -> APLAAdapter:

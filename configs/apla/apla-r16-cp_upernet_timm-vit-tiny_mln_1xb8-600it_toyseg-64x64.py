@@ -1,0 +1,6 @@
+# APLA rank 16 with activation checkpointing of the ViT blocks, tiny UperNet +
+# timm ViT (toy set).
+_base_ = ['../finetune/upernet_timm-vit-tiny_mln_1xb8-600it_toyseg-64x64.py']
+custom_imports = dict(imports=['apla_mm'], allow_failed_imports=False)
+custom_hooks = [dict(type='APLAHook', rank=16, seed=0, with_cp=True)]
+optim_wrapper = dict(type='APLAOptimWrapper')
