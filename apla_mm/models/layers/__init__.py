@@ -1,0 +1,3 @@
+from .norm import LN2d
+
+__all__ = ['LN2d']

@@ -1,0 +1,8 @@
+# APLA, rank 16 of 96 channels, on the toy Mask R-CNN with mmseg's ViT (W_O =
+# layers.N.attn.attn.out_proj, found automatically).
+_base_ = [
+    '../finetune/mask-rcnn_vit-tiny_simple-fpn_1xb8-200it_toycoco-128x128.py'
+]
+custom_imports = dict(imports=['apla_mm'], allow_failed_imports=False)
+custom_hooks = [dict(type='APLAHook', rank=16, seed=0)]
+optim_wrapper = dict(type='APLAOptimWrapper')

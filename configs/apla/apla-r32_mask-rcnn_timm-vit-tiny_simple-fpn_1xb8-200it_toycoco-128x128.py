@@ -1,0 +1,7 @@
+# APLA, rank 32 of 96 channels: Mask R-CNN + tiny timm ViT, toy COCO.
+_base_ = [
+    '../finetune/mask-rcnn_timm-vit-tiny_simple-fpn_1xb8-200it_toycoco-128x128.py'
+]
+custom_imports = dict(imports=['apla_mm'], allow_failed_imports=False)
+custom_hooks = [dict(type='APLAHook', rank=32, seed=0)]
+optim_wrapper = dict(type='APLAOptimWrapper')

@@ -1,0 +1,5 @@
+# APLA, rank 64 of 768 channels: Mask R-CNN + mmseg ViT-B/16, COCO.
+_base_ = ['../finetune/mask-rcnn_vit-b16_simple-fpn_8xb2-lsj-1x_coco.py']
+custom_imports = dict(imports=['apla_mm'], allow_failed_imports=False)
+custom_hooks = [dict(type='APLAHook', rank=64, seed=0)]
+optim_wrapper = dict(type='APLAOptimWrapper')
