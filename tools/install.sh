@@ -61,7 +61,10 @@ if py_ok "import mmcv, mmcv.ops, sys; sys.exit(mmcv.__version__ != '2.1.0')"; th
   log "mmcv 2.1.0 with ops already installed"
 else
   log "building $MMCV_PIN with compiled ops (first time ~20 min; cached afterwards)"
-  MAX_JOBS="${MAX_JOBS:-$(nproc)}" pip_install --no-build-isolation "$MMCV_PIN"
+  # Python's default flags add -g (debug info): -g0 compiles about a quarter
+  # faster. A CFLAGS variable replaces the defaults, hence the full set.
+  CFLAGS="${CFLAGS:--O2 -g0 -DNDEBUG -fwrapv}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+    pip_install --no-build-isolation "$MMCV_PIN"
   python -c "import mmcv.ops" || { log "mmcv built without its ops (mmcv._ext missing)"; exit 1; }
 fi
 
