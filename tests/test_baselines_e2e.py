@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 
 SEG = '1xb8-600it_toyseg-64x64'
 DET = 'simple-fpn_1xb8-200it_toycoco-128x128'
-# config, task, what may move inside the backbone
+# config, task, what may move inside the backbone: 'nothing', a parameter
+# name part ('lora' -> 'lora_A'/'lora_B'), or 'adapter' (not the ViT)
 RUNS = {
     'frozen-seg': (f'finetune/frozen_upernet_timm-vit-tiny_mln_{SEG}', 'seg',
                    'nothing'),
@@ -24,6 +25,10 @@ RUNS = {
                    'nothing'),
     'lora-det': (f'lora/lora-r8_mask-rcnn_timm-vit-tiny_{DET}', 'det',
                  'lora'),
+    'meta-seg': (f'meta_adapter/meta-adapter_upernet_timm-vit-tiny_{SEG}',
+                 'seg', 'adapter'),
+    'meta-det': ('meta_adapter/meta-adapter_mask-rcnn_timm-vit-tiny_fpn_'
+                 '1xb8-200it_toycoco-128x128', 'det', 'adapter'),
 }
 
 
@@ -76,6 +81,9 @@ def test_baseline_trains_through_tools(run, toy_seg_root, toy_coco_root,
     in_backbone = {k for k in moved if k.startswith('backbone.')}
     if movable == 'nothing':
         assert not in_backbone
+    elif movable == 'adapter':
+        assert in_backbone
+        assert not any(k.startswith('backbone.vit.') for k in in_backbone)
     else:
         assert in_backbone and all(f'{movable}_' in k for k in in_backbone)
     assert moved - in_backbone, 'the neck/heads did not train'

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.slow
 
 APLA = 'apla/apla-r16_upernet_timm-vit-tiny_mln_1xb8-600it_toyseg-64x64.py'
 LORA = 'lora/lora-r8_upernet_vit-tiny_mln_1xb8-600it_toyseg-64x64.py'
+META = 'meta_adapter/meta-adapter_upernet_timm-vit-tiny_1xb8-600it_toyseg-64x64.py'
 
 
 def _free_port() -> int:
@@ -28,7 +29,8 @@ def _write_config(tmp_path, base, hook):
         f"_base_ = ['{osp.join(REPO_ROOT, 'configs', base)}']\n"
         "custom_imports = dict(imports=['apla_mm', 'apla_mm.testing'], "
         'allow_failed_imports=False)\n'
-        f"custom_hooks = [{hook}, dict(type='RankStateDumpHook')]\n")
+        f"custom_hooks = [{hook + ', ' if hook else ''}"
+        "dict(type='RankStateDumpHook')]\n")
     return str(path)
 
 
@@ -125,16 +127,23 @@ def test_apla_two_processes(toy_seg_root, tmp_path):
     _assert_same_weights(rank0, rank1)
 
 
-def test_lora_two_processes(toy_seg_root, tmp_path):
-    config = _write_config(tmp_path, LORA,
-                           "dict(type='LoRAHook', rank=8, alpha=16)")
+@pytest.mark.parametrize('method', ['lora', 'meta'])
+def test_baseline_two_processes(method, toy_seg_root, tmp_path):
+    if method == 'lora':
+        config = _write_config(tmp_path, LORA,
+                               "dict(type='LoRAHook', rank=8, alpha=16)")
+    else:  # a backbone, no hook: the ViT is frozen at construction
+        config = _write_config(tmp_path, META, '')
     work = str(tmp_path / 'work')
     _run([config, '--work-dir', work, *_options(toy_seg_root, 3)], 2)
     rank0, rank1 = _states(work)
     _assert_same_weights(rank0, rank1)
     backbone = [n for n in rank0['ddp_synced'] if n.startswith('backbone')]
-    assert backbone and all('lora_' in n for n in backbone)
     moved = [k for k in rank0['after']
              if k.startswith('backbone')
              and not torch.equal(rank0['before'][k], rank0['after'][k])]
-    assert moved and all('lora_' in k for k in moved)
+    assert backbone and moved
+    if method == 'lora':
+        assert all('lora_' in n for n in backbone + moved)
+    else:
+        assert not any(n.startswith('backbone.vit.') for n in backbone + moved)
