@@ -4,8 +4,11 @@ They turn a repository config into a few-iteration run on the toy data and
 record parameters around training, so tests can assert on what changed.
 """
 import copy
+import os
 import os.path as osp
-from typing import Dict, Optional
+import subprocess
+import sys
+from typing import Dict, Optional, Sequence
 
 import torch
 from mmengine.config import Config
@@ -20,6 +23,34 @@ REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 def repo_config(path: str) -> str:
     """Absolute path of a config under the repository's ``configs/``."""
     return osp.join(REPO_ROOT, 'configs', path)
+
+
+def run_tool(args: Sequence[str],
+             env: Optional[Dict[str, str]] = None,
+             timeout: int = 600) -> str:
+    """Run a command (e.g. ``['tools/train.py', cfg, ...]`` or
+    ``['bash', 'tools/dist_train.sh', ...]``) from the repository root as a
+    user would, with this interpreter, and return its stdout + stderr.
+
+    A ``.py`` first argument is run with ``sys.executable``; shell scripts get
+    ``PYTHON=sys.executable`` so that their ``python`` is this one, not the
+    first on ``PATH``. On failure the error shows the end of stderr (the
+    traceback) before the end of stdout (the log).
+    """
+    args = [str(a) for a in args]
+    if args[0].endswith('.py'):
+        args = [sys.executable, *args]
+    full_env = dict(os.environ, PYTHONWARNINGS='ignore',
+                    PYTHON=sys.executable)
+    full_env.update(env or {})
+    proc = subprocess.run(args, cwd=REPO_ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f'{" ".join(args)}\nfailed with exit code {proc.returncode}.\n'
+            f'--- stderr (end) ---\n{proc.stderr[-2500:]}\n'
+            f'--- stdout (end) ---\n{proc.stdout[-1500:]}')
+    return proc.stdout + proc.stderr
 
 
 def _set_data_root(loader_cfg, data_root: str) -> None:

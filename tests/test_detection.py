@@ -2,12 +2,9 @@
 import copy
 import functools
 import glob
-import os
 import os.path as osp
 import pickle
 import re
-import subprocess
-import sys
 
 import cv2
 import numpy as np
@@ -20,6 +17,7 @@ import apla_mm  # noqa: F401
 from apla_mm.engine import APLAHook
 from apla_mm.peft.apla import APLAAdapter, APLAConfig
 from apla_mm.testing import (REPO_ROOT, ParamSnapshotHook, build_runner,
+                             run_tool,
                              short_run_cfg)
 
 CONFIGS = osp.join(REPO_ROOT, 'configs')
@@ -270,14 +268,7 @@ def _apla_hook(runner) -> APLAHook:
 
 
 def _run_tool(tool: str, *args: str) -> str:
-    env = dict(os.environ, PYTHONWARNINGS='ignore', OMP_NUM_THREADS='1')
-    proc = subprocess.run([sys.executable, f'tools/{tool}.py', *args],
-                          cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    if proc.returncode != 0:
-        raise AssertionError(f'tools/{tool}.py {" ".join(args)} failed:\n'
-                             f'{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
-    return proc.stdout + proc.stderr
+    return run_tool([f'tools/{tool}.py', *args], env={'OMP_NUM_THREADS': '1'})
 
 
 @pytest.mark.slow

@@ -2,13 +2,11 @@
 import os
 import os.path as osp
 import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from apla_mm.testing import REPO_ROOT
+from apla_mm.testing import REPO_ROOT, run_tool
 
 pytestmark = pytest.mark.slow
 
@@ -46,17 +44,12 @@ def _options(root, max_iters):
 
 
 def _run(args, nproc):
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore',
-               PORT=str(_free_port()))
+    env = dict(OMP_NUM_THREADS='1', PORT=str(_free_port()))
     if nproc > 1:
         cmd = ['bash', 'tools/dist_train.sh', args[0], str(nproc), *args[1:]]
     else:
-        cmd = [sys.executable, 'tools/train.py', *args]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
-    return output
+        cmd = ['tools/train.py', *args]
+    return run_tool(cmd, env=env)
 
 
 def _states(work):

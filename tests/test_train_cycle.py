@@ -1,15 +1,12 @@
 """End to end through tools/train.py and tools/test.py (subprocesses)."""
 import glob
 import json
-import os
 import os.path as osp
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from apla_mm.testing import REPO_ROOT
+from apla_mm.testing import run_tool as _run_tool
 
 pytestmark = pytest.mark.slow
 
@@ -20,14 +17,7 @@ APLA_BASE = ('configs/finetune/'
 
 
 def run_tool(tool, *args):
-    env = dict(os.environ, PYTHONWARNINGS='ignore')
-    proc = subprocess.run([sys.executable, f'tools/{tool}.py', *args],
-                          cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    if proc.returncode != 0:
-        raise AssertionError(f'tools/{tool}.py {" ".join(args)} failed:\n'
-                             f'{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
-    return proc.stdout + proc.stderr
+    return _run_tool([f'tools/{tool}.py', *args])
 
 
 def data_options(root, max_iters, interval):

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Multi-process testing with torchrun (mmengine's `--launcher pytorch`).
+# PYTHON selects the interpreter (default: `python` on PATH).
 #   bash tools/dist_test.sh CONFIG CHECKPOINT NUM_PROCS [test.py options]
 set -euo pipefail
 CONFIG=$1
@@ -12,7 +13,7 @@ MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
 HERE="$(cd "$(dirname "$0")" && pwd)"
 
 PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}" \
-python -m torch.distributed.run \
+"${PYTHON:-python}" -m torch.distributed.run \
     --nnodes="$NNODES" \
     --node_rank="$NODE_RANK" \
     --master_addr="$MASTER_ADDR" \

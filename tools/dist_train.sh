@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Multi-process training with torchrun (mmengine's `--launcher pytorch`).
+# PYTHON selects the interpreter (default: `python` on PATH).
 #   bash tools/dist_train.sh CONFIG NUM_PROCS [train.py options]
 # Multi-node: NNODES, NODE_RANK, MASTER_ADDR, PORT. On machines without GPUs
 # the processes use the gloo backend on CPUs.
@@ -13,7 +14,7 @@ MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
 HERE="$(cd "$(dirname "$0")" && pwd)"
 
 PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}" \
-python -m torch.distributed.run \
+"${PYTHON:-python}" -m torch.distributed.run \
     --nnodes="$NNODES" \
     --node_rank="$NODE_RANK" \
     --master_addr="$MASTER_ADDR" \
