@@ -1,0 +1,212 @@
+"""Benchmark outputs: a markdown table, a JSON file and a PNG chart."""
+import json
+import os
+import os.path as osp
+from typing import Dict, List, Optional
+
+MB = 2**20
+
+
+def _mb(x: Optional[float]) -> str:
+    return '–' if x is None else f'{x / MB:,.1f}'
+
+
+def _count(x: int) -> str:
+    if x >= 1e6:
+        return f'{x / 1e6:.2f}M'
+    if x >= 1e3:
+        return f'{x / 1e3:.1f}K'
+    return str(x)
+
+
+def _ratio(x: Optional[float]) -> str:
+    return '–' if x is None else f'{x:.3f}x'
+
+
+def _sec(x: Optional[float]) -> str:
+    if x is None:
+        return '–'
+    return f'{x * 1e3:.1f} ms' if x < 1 else f'{x:.3f} s'
+
+
+def settings_line(meta: dict) -> str:
+    v = meta['versions']
+    return (f"{meta['task']} | model {meta['model']} | input "
+            f"{meta['size']}x{meta['size']} | batch {meta['batch']} | "
+            f"{meta['device_name']} ({meta['device']}, {meta['threads']} "
+            f"threads) | torch {v['torch']} | {meta['precision']}, "
+            f"{meta['optimizer']}")
+
+
+def markdown(results: dict, title: Optional[str] = None) -> str:
+    """The results as markdown tables (parameters/memory, time, and where
+    the saved activations go)."""
+    meta, methods = results['meta'], results['methods']
+    ref = meta['reference']
+    lines: List[str] = []
+    lines.append(f"# {title or 'apla_mm benchmark'}")
+    lines.append('')
+    lines.append(f'**Settings**: {settings_line(meta)}.  ')
+    lines.append(
+        f"Base config: `{meta['base_config']}`; timing: {meta['steps']} "
+        f"training steps ({meta.get('infer_steps', meta['steps'])} "
+        f"inference passes) after {meta['warmup']} warm-up, methods "
+        'interleaved; '
+        f"ratios (x ref) relative to `{ref}`; {meta['date']}, "
+        f"mmseg {meta['versions']['mmseg']}, mmdet "
+        f"{meta['versions']['mmdet']}, timm {meta['versions']['timm']}.")
+    lines.append('')
+    lines.append('## Parameters and training memory')
+    lines.append('')
+    lines.append(
+        'Exact account of one training step in MB (2^20 bytes): weights + '
+        'gradients + AdamW state + tensors saved for backward (+ the '
+        'largest recomputed region with activation checkpointing). '
+        '"Peak (measured)": a fresh process per method, increment of the '
+        'peak resident set size (GPU: `max_memory_allocated`) over the '
+        'process after a discarded warm round (imports, thread pools, '
+        'caches); it adds allocator slack and temporaries to the account.')
+    lines.append('')
+    lines.append(
+        '| Method | Trainable | Trainable % | Total params | Delta file '
+        '(MB) | Weights | Grads | AdamW state | Saved act. | Recompute | '
+        '**Total** | x ref | Peak (measured) | x ref |')
+    lines.append('|' + '---|' * 14)
+    for r in methods:
+        p, m, q = r['params'], r['memory'], r['ratios']
+        peak = r.get('peak', {}).get('increment')
+        lines.append(
+            f"| {r['label']} | {_count(p['trainable'])} | "
+            f"{p['trainable_pct']:.3f} | {_count(p['total'])} | "
+            f"{p['delta_file_bytes'] / MB:,.2f} | {_mb(m['weights'])} | "
+            f"{_mb(m['grads'])} | {_mb(m['optimizer'])} | "
+            f"{_mb(m['saved'])} | {_mb(m['recompute'])} | "
+            f"**{_mb(m['total'])}** | {_ratio(q['memory'])} | {_mb(peak)} | "
+            f"{_ratio(q.get('peak'))} |")
+    if any('train_time' in r for r in methods):
+        lines.append('')
+        lines.append('## Time')
+        lines.append('')
+        lines.append(
+            'Training step = zero_grad + forward + backward + AdamW step '
+            '(+ APLA row sync); inference = eval-mode forward under '
+            '`torch.no_grad()` of the trained model (LoRA merged), relative '
+            f"to the base model (`{meta.get('inference_base')}`). Median "
+            '[quartiles] (min-max).')
+        lines.append('')
+        lines.append('| Method | Train step | [Q1, Q3] | min-max | x ref | '
+                     'Inference | [Q1, Q3] | x base |')
+        lines.append('|' + '---|' * 8)
+        for r in methods:
+            t, i, q = r['train_time'], r['infer_time'], r['ratios']
+            lines.append(
+                f"| {r['label']} | {_sec(t['median'])} | [{_sec(t['q1'])}, "
+                f"{_sec(t['q3'])}] | {_sec(t['min'])}-{_sec(t['max'])} | "
+                f"{_ratio(q['train_time'])} | {_sec(i['median'])} | "
+                f"[{_sec(i['q1'])}, {_sec(i['q3'])}] | "
+                f"{_ratio(q['infer_time'])} |")
+    lines.append('')
+    lines.append('## Where the saved activations go')
+    lines.append('')
+    lines.append('Saved-for-backward bytes per top-level module, then the '
+                 'largest groups (module pattern, module type, torch '
+                 'function that saved it), MB.')
+    lines.append('')
+    for r in methods:
+        m = r['memory']
+        parts = ', '.join(f"{g['where']} {_mb(g['bytes'])}"
+                          for g in m['saved_by_part'])
+        lines.append(f"**{r['label']}** (saved {_mb(m['saved'])}: "
+                     f'{parts or "nothing"}'
+                     + (f"; recompute {_mb(m['recompute'])} of "
+                        f"{m['checkpointed_regions']} checkpointed regions"
+                        if m['checkpointed_regions'] else '') + ')')
+        lines.append('')
+        for g in m['saved_top'][:8]:
+            lines.append(f"- `{g['where']}` ({g['type']}, `{g['fn']}`): "
+                         f"{_mb(g['bytes'])} in {g['count']} tensors")
+        for g in m['recompute_top'][:4]:
+            lines.append(f"- recomputed in backward, largest region: "
+                         f"`{g['where']}` ({g['type']}, `{g['fn']}`): "
+                         f"{_mb(g['bytes'])} in {g['count']} tensors")
+        lines.append('')
+    return '\n'.join(lines) + '\n'
+
+
+def chart(results: dict, path: str, title: Optional[str] = None) -> None:
+    """PNG: exact memory by component (measured peak as a marker), training
+    step time and inference time per method."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    meta, methods = results['meta'], results['methods']
+    labels = [r['label'] for r in methods]
+    y = list(range(len(methods)))[::-1]
+    timed = all('train_time' in r for r in methods)
+    ncols = 3 if timed else 1
+    fig, axes = plt.subplots(
+        1, ncols, figsize=(6.5 * ncols, 1.6 + 0.45 * len(methods)),
+        squeeze=False, sharey=True)
+    ax = axes[0][0]
+    comps = [('weights', 'weights', '#9e9e9e'), ('grads', 'grads',
+                                                  '#ef8a62'),
+             ('optimizer', 'AdamW state', '#f4c542'),
+             ('saved', 'saved activations', '#67a9cf'),
+             ('recompute', 'recompute (ckpt)', '#2166ac')]
+    left = [0.0] * len(methods)
+    for key, name, color in comps:
+        vals = [r['memory'][key] / MB for r in methods]
+        ax.barh(y, vals, left=left, color=color, label=name)
+        left = [a + b for a, b in zip(left, vals)]
+    peaks = [r.get('peak', {}).get('increment') for r in methods]
+    if any(p is not None for p in peaks):
+        ax.scatter([p / MB for p in peaks if p is not None],
+                   [yi for yi, p in zip(y, peaks) if p is not None],
+                   marker='D', color='k', zorder=3, s=18,
+                   label='measured peak')
+    right = [max(t, (p or 0) / MB) for t, p in zip(left, peaks)]
+    for yi, total, x in zip(y, left, right):
+        ax.text(x, yi, f'  {total:,.0f}', va='center', fontsize=8)
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels)
+    ax.set_xlabel('training memory, MB (exact account; diamond: measured)')
+    ax.set_xlim(0, max(right) * 1.2)
+    handles, names = ax.get_legend_handles_labels()
+    fig.legend(handles, names, loc='lower left', ncol=len(names),
+               fontsize=8, frameon=False, bbox_to_anchor=(0.01, 0.0))
+    if timed:
+        for ax, key, xlabel in ((axes[0][1], 'train_time',
+                                 'training step, s (median, IQR)'),
+                                (axes[0][2], 'infer_time',
+                                 'inference, s (median, IQR)')):
+            med = [r[key]['median'] for r in methods]
+            lo = [r[key]['median'] - r[key]['q1'] for r in methods]
+            hi = [r[key]['q3'] - r[key]['median'] for r in methods]
+            ax.barh(y, med, xerr=[lo, hi], color='#5e9c76', capsize=2)
+            for yi, r, m, h in zip(y, methods, med, hi):
+                ratio = r['ratios'].get(key)
+                ax.text(m + h, yi, f'  {ratio:.2f}x' if ratio else '',
+                        va='center', fontsize=8)
+            ax.set_xlabel(xlabel)
+            ax.set_xlim(0, max(m + h for m, h in zip(med, hi)) * 1.25)
+    fig.suptitle((title or 'apla_mm benchmark') + '\n' + settings_line(meta),
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0.45 / (1.6 + 0.45 * len(methods)), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(results: dict, out_dir: str, name: str = 'benchmark',
+                  title: Optional[str] = None) -> Dict[str, str]:
+    """Write ``<name>.md``, ``<name>.json``, ``<name>.png`` into
+    ``out_dir``; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {ext: osp.join(out_dir, f'{name}.{ext}')
+             for ext in ('md', 'json', 'png')}
+    with open(paths['md'], 'w') as f:
+        f.write(markdown(results, title))
+    with open(paths['json'], 'w') as f:
+        json.dump(results, f, indent=1, default=str)
+    chart(results, paths['png'], title)
+    return paths
