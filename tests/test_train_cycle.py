@@ -56,7 +56,9 @@ def test_train_checkpoint_resume_test(toy_seg_root, tmp_path):
     test_dir = str(tmp_path / 'test')
     run_tool('test', FT, osp.join(work, 'iter_6.pth'), '--work-dir',
              test_dir, '--out', out, '--show-dir', show, '--cfg-options',
-             f'test_dataloader.dataset.data_root={toy_seg_root}')
+             f'test_dataloader.dataset.data_root={toy_seg_root}',
+             # testing must neither need nor build the training data
+             f'train_dataloader.dataset.data_root={tmp_path}/absent')
     assert 'mIoU' in metrics_of(test_dir)
     assert len(glob.glob(osp.join(out, '*.png'))) == 8
     assert len(glob.glob(osp.join(show, '**', '*.png'), recursive=True)) == 8

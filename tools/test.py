@@ -78,6 +78,11 @@ def trigger_visualization(cfg: Config, args, task: str) -> None:
         else:
             cfg.visualizer['save_dir'] = args.show_dir
             vis['interval'] = 1  # mmseg draws every `interval`-th batch
+    if vis.get('type') in ('SegVisualizationHook',
+                           'mmseg.SegVisualizationHook'):
+        # mmseg's hook builds the training loop (and its data) to read
+        # runner.iter while testing; ours counts test batches itself
+        vis['type'] = 'SegTestVisualizationHook'
 
 
 def main():
