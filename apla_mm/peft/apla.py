@@ -30,6 +30,12 @@ This works for layers called as modules (timm, mmpretrain) and for
   (inference) the properties return the plain parameters;
 * ``state_dict()`` has exactly the keys of the unmodified model and holds the
   merged weights, so checkpoints are plain model checkpoints.
+
+Projections that are plain ``nn.Linear`` modules (timm, mmpretrain) also get
+a ``forward`` whose backward computes the weight gradient for the ``r``
+selected rows only (``grad[..., rows]^T @ x``) instead of all ``out`` rows:
+the same values (up to float summation order), ``r/out`` of the
+weight-gradient work.
 """
 import hashlib
 import json
@@ -39,6 +45,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .targets import ATTN_OUT_PATTERNS, Patterns, as_pattern_list, find_modules
 from .utils import (disable_block_checkpointing, enable_block_checkpointing,
@@ -172,6 +179,58 @@ class _RouteRows(torch.autograd.Function):
         return None, grad.index_select(0, index), None
 
 
+class _RowLinear(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` whose backward gives gradients to the
+    selected rows (``rows_w``/``rows_b``) and to ``x`` only.
+
+    ``weight``/``bias`` are the frozen merged parameters (no gradient). The
+    rows' gradient is computed from the selected output channels of the
+    incoming gradient, ``r x in`` multiply-adds per token instead of the
+    ``out x in`` that autograd spends on a full weight gradient. Saves ``x``
+    (W_O's input, which attention backward keeps anyway) and the weight (a
+    parameter): nothing new.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor,
+                bias: Optional[torch.Tensor], rows_w: torch.Tensor,
+                rows_b: Optional[torch.Tensor],
+                index: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, weight, bias)
+        # under autocast F.linear ran in the autocast dtype: so does backward
+        ctx.compute_dtype = out.dtype
+        ctx.save_for_backward(x, weight, index)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, index = ctx.saved_tensors
+        dtype = ctx.compute_dtype
+        grad = grad.to(dtype)
+        grad_x = grad_rows_w = grad_rows_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.matmul(weight.to(dtype)).to(x.dtype)
+        selected = grad.index_select(-1, index).reshape(-1, index.numel())
+        if ctx.needs_input_grad[3]:
+            grad_rows_w = selected.t().matmul(
+                x.to(dtype).reshape(-1, x.shape[-1]))
+        if ctx.needs_input_grad[4]:
+            grad_rows_b = selected.sum(0)
+        return grad_x, None, None, grad_rows_w, grad_rows_b, None
+
+
+def _linear_forward(self, input: torch.Tensor) -> torch.Tensor:
+    weight = self._parameters['weight']
+    bias = self._parameters.get('bias')
+    rows_w = self._parameters.get('apla_weight')
+    rows_b = self._parameters.get('apla_bias')
+    trains = any(p is not None and p.requires_grad for p in (rows_w, rows_b))
+    if rows_w is None or not trains or not torch.is_grad_enabled():
+        return F.linear(input, weight, bias)
+    return _RowLinear.apply(input, weight, bias, rows_w, rows_b,
+                            self._buffers['apla_index'])
+
+
 def _routed(module: nn.Module, name: str, rows_name: str):
     base = module._parameters[name]
     rows = module._parameters.get(rows_name)
@@ -193,6 +252,8 @@ _APLA_NAMESPACE = {
     'weight': property(_weight_property),
     'bias': property(_bias_property),
 }
+# plain nn.Linear projections: the same, plus the row-only backward
+_APLA_LINEAR_NAMESPACE = dict(_APLA_NAMESPACE, forward=_linear_forward)
 
 
 def _drop_rows_from_state_dict(module, state_dict, prefix, local_metadata):
@@ -331,7 +392,10 @@ class APLAAdapter:
             if bias is not None:
                 m.register_parameter(
                     'apla_bias', nn.Parameter(bias.detach()[:rank].clone()))
-            swap_class(m, 'APLA', _APLA_NAMESPACE)
+            plain_linear = isinstance(m, nn.Linear) \
+                and type(m).forward is nn.Linear.forward
+            swap_class(m, 'APLA', _APLA_LINEAR_NAMESPACE
+                       if plain_linear else _APLA_NAMESPACE)
             self._hooks[layer.name + ':save'] = \
                 m.register_state_dict_post_hook(_drop_rows_from_state_dict)
             self._hooks[layer.name + ':load'] = \
