@@ -19,8 +19,8 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import apla_mm  # noqa: F401  (registers modules, checkpoint loading fix)
-from apla_mm.utils.cli import (check_data_roots, default_work_dir,
-                               setup_cpu_distributed, task_of)
+from apla_mm.utils.cli import (check_data_roots, load_config,
+                               setup_cpu_distributed)
 
 
 def parse_args():
@@ -90,15 +90,7 @@ def main():
     if not osp.isfile(args.checkpoint):
         raise FileNotFoundError(f'checkpoint {args.checkpoint!r} does not '
                                 'exist')
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    task = task_of(cfg)
-    if task == 'det':
-        from mmdet.utils import setup_cache_size_limit_of_dynamo
-        setup_cache_size_limit_of_dynamo()
-    cfg.work_dir = default_work_dir(cfg, args.config, args.work_dir)
+    cfg, task = load_config(args)
     cfg.load_from = args.checkpoint
     if args.launcher != 'none':
         import torch

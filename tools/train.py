@@ -11,14 +11,14 @@ import argparse
 import os
 
 import torch
-from mmengine.config import Config, DictAction
+from mmengine.config import DictAction
 from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import apla_mm  # noqa: F401  (registers modules, checkpoint loading fix)
-from apla_mm.utils.cli import (check_data_roots, default_work_dir,
-                               enable_amp, setup_cpu_distributed, task_of)
+from apla_mm.utils.cli import (check_data_roots, enable_amp, load_config,
+                               setup_cpu_distributed)
 
 
 def parse_args():
@@ -65,16 +65,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    task = task_of(cfg)
-    if task == 'det':
-        from mmdet.utils import setup_cache_size_limit_of_dynamo
-        setup_cache_size_limit_of_dynamo()
-
-    cfg.work_dir = default_work_dir(cfg, args.config, args.work_dir)
+    cfg, task = load_config(args)
     has_gpu = torch.cuda.is_available()
     if args.amp:
         wrapper = enable_amp(cfg, has_gpu)

@@ -37,6 +37,12 @@ def _images(batch: int, size: int, g: torch.Generator) -> List[torch.Tensor]:
     ]
 
 
+def _square_meta(size: int) -> dict:
+    """Meta information of an unscaled, unflipped ``size x size`` image."""
+    return dict(img_shape=(size, size), ori_shape=(size, size),
+                pad_shape=(size, size), scale_factor=(1.0, 1.0), flip=False)
+
+
 def seg_samples(batch: int, size: int, num_classes: int,
                 g: torch.Generator) -> list:
     from mmengine.structures import PixelData
@@ -46,10 +52,7 @@ def seg_samples(batch: int, size: int, num_classes: int,
         sample = SegDataSample()
         sample.gt_sem_seg = PixelData(data=torch.randint(
             0, num_classes, (1, size, size), generator=g))
-        sample.set_metainfo(
-            dict(img_shape=(size, size), ori_shape=(size, size),
-                 pad_shape=(size, size), scale_factor=(1.0, 1.0),
-                 flip=False))
+        sample.set_metainfo(_square_meta(size))
         out.append(sample)
     return out
 
@@ -73,10 +76,7 @@ def det_samples(batch: int, size: int, num_classes: int, g: torch.Generator,
             labels=torch.randint(0, num_classes, (num_objects, ),
                                  generator=g),
             masks=BitmapMasks(masks, size, size))
-        sample.set_metainfo(
-            dict(img_shape=(size, size), ori_shape=(size, size),
-                 pad_shape=(size, size), scale_factor=(1.0, 1.0),
-                 flip=False))
+        sample.set_metainfo(_square_meta(size))
         out.append(sample)
     return out
 

@@ -7,7 +7,7 @@ decides which library's conventions apply where the two differ (``--out``,
 import logging
 import os
 import os.path as osp
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Tuple
 
 from mmengine.config import Config, ConfigDict
 from mmengine.logging import print_log
@@ -41,6 +41,24 @@ def default_work_dir(cfg: Config, config_path: str,
     if cfg.get('work_dir') is not None:
         return cfg.work_dir
     return osp.join('./work_dirs', osp.splitext(osp.basename(config_path))[0])
+
+
+def load_config(args) -> Tuple[Config, str]:
+    """The config of a ``tools/train.py``/``tools/test.py`` run, as mmseg's
+    and mmdet's tools read it: ``--cfg-options`` merged, ``launcher`` and
+    ``work_dir`` set (:func:`default_work_dir`), mmdet's dynamo cache limit
+    raised for detection. Returns ``(cfg, task)``, task ``'seg'``/``'det'``.
+    """
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    task = task_of(cfg)
+    if task == 'det':
+        from mmdet.utils import setup_cache_size_limit_of_dynamo
+        setup_cache_size_limit_of_dynamo()
+    cfg.work_dir = default_work_dir(cfg, args.config, args.work_dir)
+    return cfg, task
 
 
 def enable_amp(cfg: Config, has_gpu: bool) -> str:
