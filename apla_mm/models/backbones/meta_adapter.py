@@ -342,14 +342,7 @@ class METAAdapterViT(TimmViT):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """Return four NCHW maps at strides 4, 8, 16, 32
         (``ceil(H/s) x ceil(W/s)``, ``out_channels`` channels)."""
-        h, w = x.shape[-2:]
-        ph, pw = self.patch_size
-        if h % ph or w % pw:
-            raise ValueError(
-                f'Input size {h}x{w} is not divisible by the patch size '
-                f'{ph}x{pw}; pad the input (e.g. the data preprocessor\'s '
-                'size_divisor) to a multiple of it.')
-        grid = (h // ph, w // pw)
+        grid = self.patch_grid(x)
         levels = self.spm(x)
         sp = sum(_resize(c, grid) for c in levels[1:])
         sp = sp.permute(0, 2, 3, 1).contiguous()  # (B, gh, gw, D)

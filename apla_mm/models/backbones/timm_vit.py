@@ -195,8 +195,9 @@ class TimmViT(BaseModule):
             logger='current')
         return missing
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """Return the requested blocks' tokens as ``(B, C, H/p, W/p)`` maps."""
+    def patch_grid(self, x: torch.Tensor) -> Tuple[int, int]:
+        """The ``(H/p, W/p)`` token grid of an input batch; a clear error if
+        the input size is not a multiple of the patch size."""
         h, w = x.shape[-2:]
         ph, pw = self.patch_size
         if h % ph or w % pw:
@@ -204,6 +205,11 @@ class TimmViT(BaseModule):
                 f'Input size {h}x{w} is not divisible by the patch size '
                 f'{ph}x{pw}; pad the input (e.g. the data preprocessor\'s '
                 'size_divisor) to a multiple of it.')
+        return h // ph, w // pw
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Return the requested blocks' tokens as ``(B, C, H/p, W/p)`` maps."""
+        self.patch_grid(x)
         outs = self.vit.forward_intermediates(
             x,
             indices=list(self.out_indices),
