@@ -1,4 +1,4 @@
-"""APLAHook + APLAOptimWrapper inside mmengine's Runner (toy UperNet)."""
+"""APLAHook inside mmengine's Runner (toy UperNet), with any optimizer wrapper."""
 import glob
 import json
 import os.path as osp
@@ -33,6 +33,9 @@ SCENARIOS = {
         optimizer=dict(type='AdamW', lr=1e-2, weight_decay=0.1),
         accumulative_counts=2),
     'amp': dict(
+        type='PortableAmpOptimWrapper',  # mmengine's AmpOptimWrapper, bf16 on CPU
+        optimizer=dict(type='AdamW', lr=1e-2, weight_decay=0.1)),
+    'deprecated_apla_amp_wrapper': dict(
         type='APLAAmpOptimWrapper',
         optimizer=dict(type='AdamW', lr=1e-2, weight_decay=0.1)),
 }
@@ -203,21 +206,40 @@ def test_resume_from_non_apla_checkpoint_is_an_error(toy_seg_root, tmp_path):
     build_runner(cfg).train()
 
 
-def test_hook_without_wrapper_and_wrapper_without_hook(toy_seg_root,
-                                                       tmp_path):
+def test_any_wrapper_and_deprecated_names(toy_seg_root, tmp_path):
+    # the plain OptimWrapper trains APLA: rows move, W_O holds them
     cfg = short_run_cfg(
-        CONFIGS['timm'], str(tmp_path), toy_seg_root, max_iters=1,
+        CONFIGS['timm'], str(tmp_path), toy_seg_root, max_iters=2,
         batch_size=2)
     cfg.optim_wrapper.type = 'OptimWrapper'
-    with pytest.raises(TypeError, match="type='APLAOptimWrapper'"):
-        build_runner(cfg).train()
+    runner = build_runner(cfg)
+    runner.train()
+    assert type(runner.optim_wrapper).__name__ == 'OptimWrapper'
+    for layer in _apla_hook(runner).adapter.layers:
+        m = layer.module
+        assert torch.equal(m._parameters['weight'][layer.index],
+                           m._parameters['apla_weight'])
 
+    # the old APLA wrapper name without APLAHook: a plain wrapper + warning
     cfg = short_run_cfg(
         CONFIGS['timm'], str(tmp_path / 'b'), toy_seg_root, max_iters=1,
         batch_size=2)
     cfg.custom_hooks = []
-    with pytest.raises(RuntimeError, match='used without APLAHook'):
-        build_runner(cfg).train()
+    cfg.optim_wrapper.type = 'APLAOptimWrapper'
+    build_runner(cfg).train()
+    logs = glob.glob(osp.join(str(tmp_path / 'b'), '*', '*.log'))
+    assert logs and 'is no longer needed' in open(logs[0]).read()
+
+
+def test_wrapper_with_several_optimizers_is_refused(toy_seg_root, tmp_path):
+    from mmengine.optim import OptimWrapperDict
+    cfg = short_run_cfg(
+        CONFIGS['timm'], str(tmp_path), toy_seg_root, max_iters=1,
+        batch_size=2)
+    runner = build_runner(cfg)
+    hook = _apla_hook(runner)
+    with pytest.raises(TypeError, match='one optimizer'):
+        hook.check_optim_wrapper(OptimWrapperDict())
 
 
 def test_norm_selection_and_full_rank_run(toy_seg_root, tmp_path):

@@ -11,9 +11,12 @@ How it is implemented here
 The selected rows live in a small trainable parameter per layer,
 ``apla_weight`` (``r x in``) and ``apla_bias`` (``r``), registered on the
 projection module. The module's ``weight``/``bias`` parameters stay where
-they are, frozen, and always hold the *merged* values: the optimizer wrapper
-(:class:`~apla_mm.engine.APLAOptimWrapper`) copies the rows back into them
-after every step (:meth:`APLAAdapter.sync_`). The projection's class gets
+they are, frozen, and always hold the *merged* values: after every optimizer
+step the adapter copies the rows back into them (:meth:`APLAAdapter.sync_`,
+run by an optimizer step post-hook that :meth:`APLAAdapter.attach_optimizer`
+installs, so any optimizer wrapper works — mmengine's ``OptimWrapper`` and
+``AmpOptimWrapper`` included; a step that a loss scaler skips calls no
+post-hook and changes nothing). The projection's class gets
 ``weight``/``bias`` properties (the mechanism of
 :mod:`torch.nn.utils.parametrize`) that, while a graph is recorded, return
 the frozen tensor itself through an identity autograd function whose backward
@@ -51,25 +54,57 @@ from .targets import ATTN_OUT_PATTERNS, Patterns, as_pattern_list, find_modules
 from .utils import (disable_block_checkpointing, enable_block_checkpointing,
                     remove_hooks, restore_class, swap_class)
 
-Rank = Union[int, str]
+Rank = Union[int, float, str]
 SELECTIONS = ('random', 'norm')
 
 
 def check_rank(rank: Rank) -> Rank:
-    """Validate an APLA rank: a positive int or ``'full'``."""
+    """Validate an APLA rank: a positive int, a fraction in ``(0, 1)`` or
+    ``'full'``."""
     if isinstance(rank, str):
         if rank != 'full':
             raise ValueError(
-                f"APLA rank must be a positive integer or 'full', got "
-                f'{rank!r}.')
+                f"APLA rank must be a positive integer, a fraction in (0, 1) "
+                f"or 'full', got {rank!r}.")
+        return rank
+    if isinstance(rank, float):
+        if not 0.0 < rank < 1.0:
+            raise TypeError(
+                f'A fractional APLA rank must lie in (0, 1) (the share of '
+                f"each layer's output channels), got {rank}; use an integer "
+                "for a channel count or rank='full' for all of W_O.")
         return rank
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise TypeError(
             f'APLA rank must be a positive integer (number of output channels'
-            f" per layer) or 'full', got {rank!r} of type "
-            f'{type(rank).__name__}.')
+            f" per layer), a fraction in (0, 1) or 'full', got {rank!r} of "
+            f'type {type(rank).__name__}.')
     if rank <= 0:
         raise ValueError(f'APLA rank must be > 0, got {rank}.')
+    return rank
+
+
+def layer_rank(rank: Rank, out_features: int, name: str = 'the layer') -> int:
+    """Channels APLA trains in a layer with ``out_features`` outputs.
+
+    * an ``int`` is the same count in every layer; it must not exceed any
+      layer's width (Swin's stages are 96...768 channels wide at Swin-T, so
+      ``rank=128`` fails on the first stage with an error naming it);
+    * a ``float`` in ``(0, 1)`` is the share of each layer's channels,
+      ``max(1, round(rank * out_features))`` (``rank=0.125`` trains 12, 24,
+      48 and 96 channels in Swin-T's four stages, 96 of 768 in ViT-B);
+    * ``'full'`` is every channel.
+    """
+    if rank == 'full':
+        return out_features
+    if isinstance(rank, float):
+        return max(1, min(out_features, int(round(rank * out_features))))
+    if rank > out_features:
+        raise ValueError(
+            f'APLA rank {rank} exceeds the {out_features} output channels of '
+            f'{name}; use rank <= {out_features}, a share of each '
+            "layer's channels (a float in (0, 1), e.g. rank=0.25), or "
+            "rank='full'.")
     return rank
 
 
@@ -78,15 +113,20 @@ class APLAConfig:
     """What APLA adapts and how it picks channels.
 
     Args:
-        rank (int | str): Output channels trained per layer, or ``'full'``
-            for all of W_O. Defaults to 64.
+        rank (int | float | str): Output channels trained per layer (an
+            ``int``), the share of each layer's channels (a ``float`` in
+            ``(0, 1)``, for backbones whose layers differ in width such as
+            Swin), or ``'full'`` for all of W_O (see :func:`layer_rank`).
+            Defaults to 64.
         seed (int): Seed of the per-layer random choice. The choice for a
             layer depends only on ``(seed, layer name, out_features, rank)``,
             so every process of a distributed run picks the same channels.
             Defaults to 0.
         targets (str | list[str], optional): Regexes full-matched against
             module names (e.g. ``'backbone.vit.blocks.*.attn.proj'``).
-            ``None`` auto-detects W_O of timm, mmseg and mmpretrain ViTs.
+            ``None`` auto-detects W_O of timm ViTs (DeiT, AugReg, DINOv2,
+            EVA-02, SAM, BEiT), mmseg/mmpretrain ViTs and mmseg/mmdet Swin
+            (:data:`~apla_mm.peft.targets.ATTN_OUT_PATTERNS`).
         selection (str): ``'random'`` (the paper's choice) or ``'norm'``
             (the rows of largest L2 norm of the initial weights, chosen when
             training starts). Defaults to ``'random'``.
@@ -284,6 +324,8 @@ class APLALayer:
     in_features: int
     has_bias: bool
     full: bool
+    #: Channels trained in this layer (:func:`layer_rank` of the config).
+    target_rank: int = 0
 
     @property
     def index(self) -> Optional[torch.Tensor]:
@@ -309,8 +351,14 @@ class APLAAdapter:
     does so before training starts)::
 
         adapter = APLAAdapter(model, APLAConfig(rank=64, seed=0))
-        optimizer = AdamW(adapter.trainable_parameters(model))
-        loss.backward(); optimizer.step(); adapter.sync_()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable)   # rows + neck/heads
+        adapter.attach_optimizer(optimizer)        # sync_() after each step
+        loss.backward(); optimizer.step()
+
+    (``trainable`` holds the rows ``apla_weight``/``apla_bias``, not the
+    frozen W_O; :class:`~apla_mm.engine.APLAHook` instead moves an optimizer
+    that was built on the unmodified model onto the rows.)
 
     Args:
         model (nn.Module): The full model (segmentor/detector); names of
@@ -338,14 +386,10 @@ class APLAAdapter:
             weight = module._parameters['weight']
             bias = module._parameters.get('bias')
             out_features, in_features = weight.shape
-            if not config.full and config.rank > out_features:
-                raise ValueError(
-                    f'APLA rank {config.rank} exceeds the {out_features} '
-                    f'output channels of {name}; use rank <= {out_features} '
-                    "or rank='full'.")
             self.layers.append(
                 APLALayer(name, module, out_features, in_features, bias
-                          is not None, config.full))
+                          is not None, config.full,
+                          layer_rank(config.rank, out_features, name)))
         self._freeze()
         self._inject()
         self.checkpointed_blocks: List[str] = (
@@ -358,8 +402,9 @@ class APLAAdapter:
                                       config.rank)
         elif not config.full and config.selection == 'random':
             indices = {
-                layer.name: random_channels(layer.out_features, config.rank,
-                                            config.seed, layer.name)
+                layer.name: random_channels(layer.out_features,
+                                            layer.target_rank, config.seed,
+                                            layer.name)
                 for layer in self.layers
             }
         if indices is not None:
@@ -381,7 +426,7 @@ class APLAAdapter:
                 if bias is not None:
                     bias.requires_grad_(True)
                 continue
-            rank = self.config.rank
+            rank = layer.target_rank
             m.register_buffer(
                 'apla_index',
                 torch.arange(rank, device=weight.device),
@@ -414,7 +459,7 @@ class APLAAdapter:
         self.set_indices({
             layer.name: norm_channels(layer.module._parameters['weight'],
                                       layer.module._parameters.get('bias'),
-                                      self.config.rank)
+                                      layer.target_rank)
             for layer in self.layers
         })
 
@@ -423,12 +468,12 @@ class APLAAdapter:
         (merged) weights.
 
         Args:
-            indices (dict): Layer name to ``rank`` distinct channels.
+            indices (dict): Layer name to its ``rank`` distinct channels.
         """
         if self.config.full:
             raise RuntimeError("rank='full' trains every channel; there are "
                                'no indices to set.')
-        check_indices(indices, self.layers, self.config.rank, 'indices')
+        check_indices(indices, self.layers, 'indices')
         for layer in self.layers:
             buf = layer.module._buffers['apla_index']
             value = torch.as_tensor(
@@ -478,6 +523,23 @@ class APLAAdapter:
                 m._parameters['apla_bias'].copy_(
                     m._parameters['bias'].index_select(0, index))
 
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Keep the merged weights in step with the rows ``optimizer``
+        trains: :meth:`sync_` runs after each of its ``step()`` calls.
+
+        This makes the invariant the adapter's own, whatever wraps the
+        optimizer: with gradient accumulation the optimizer steps (and the
+        weights change) only at the end of each accumulation window, and an
+        AMP step that the loss scaler skips (inf/NaN gradients) does not call
+        ``optimizer.step()``, so nothing changes. Calling it again with the
+        same optimizer is a no-op; :meth:`unload` removes the hook.
+        """
+        key = f'optimizer:{id(optimizer)}'
+        if key in self._hooks:
+            return
+        self._hooks[key] = optimizer.register_step_post_hook(
+            lambda _optimizer, _args, _kwargs: self.sync_())
+
     # ------------------------------------------------------------------
     # parameters
     def replacements(self) -> Dict[int, List[nn.Parameter]]:
@@ -521,6 +583,7 @@ class APLAAdapter:
             frozen_modules=list(self.config.frozen_modules),
             layers={
                 layer.name: dict(
+                    rank=layer.target_rank,
                     out_features=layer.out_features,
                     in_features=layer.in_features,
                     has_bias=layer.has_bias,
@@ -557,8 +620,9 @@ class APLAAdapter:
 
 
 def check_indices(indices: Dict[str, Sequence[int]],
-                  layers: Sequence[APLALayer], rank: int, source: str) -> None:
-    """Raise a clear error unless ``indices`` fit ``layers`` and ``rank``."""
+                  layers: Sequence[APLALayer], source: str) -> None:
+    """Raise a clear error unless ``indices`` fit ``layers`` and their
+    ranks (:attr:`APLALayer.target_rank`)."""
     names = [layer.name for layer in layers]
     missing = [n for n in names if n not in indices]
     extra = [n for n in indices if n not in names]
@@ -574,10 +638,10 @@ def check_indices(indices: Dict[str, Sequence[int]],
         if isinstance(values, torch.Tensor):
             values = values.tolist()
         values = list(values)
-        if len(values) != rank:
+        if len(values) != layer.target_rank:
             raise ValueError(
                 f'{source}: layer {layer.name} has {len(values)} channels, '
-                f'but rank is {rank}.')
+                f'but rank is {layer.target_rank}.')
         if not all(isinstance(v, int) and not isinstance(v, bool)
                    for v in values):
             raise ValueError(f'{source}: layer {layer.name} has non-integer '
@@ -614,5 +678,5 @@ def load_index_file(path: str, layers: Sequence[APLALayer],
     block_keys = [f'block_{i}' for i in range(len(layers))]
     if sorted(data) == sorted(block_keys):
         data = {layer.name: data[key] for layer, key in zip(layers, block_keys)}
-    check_indices(data, layers, rank, f'index file {path!r}')
+    check_indices(data, layers, f'index file {path!r}')
     return {k: list(v) for k, v in data.items()}

@@ -5,11 +5,18 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch.nn as nn
 
 #: Attention output projections W_O of the ViT families we know, as full-match
-#: regexes over module names. mmseg's ``VisionTransformer`` keeps W_O inside
-#: ``torch.nn.MultiheadAttention`` (``attn.attn.out_proj``), whose forward
-#: reads ``out_proj.weight`` without calling ``out_proj``.
+#: regexes over module names. timm's VisionTransformer (DeiT, AugReg, DINOv2
+#: with or without registers), Eva (EVA-02), VisionTransformerSAM and Beit all
+#: name W_O ``blocks.N.attn.proj``; Swin's window attention keeps it at
+#: ``stages.N.blocks.M.attn.w_msa.proj`` (mmseg and mmdet alike). mmseg's
+#: ``VisionTransformer`` keeps W_O inside ``torch.nn.MultiheadAttention``
+#: (``attn.attn.out_proj``), whose forward reads ``out_proj.weight`` without
+#: calling ``out_proj``.
 ATTN_OUT_PATTERNS: Dict[str, str] = {
-    'timm ViT (blocks.N.attn.proj)': r'(?:.*\.)?blocks\.\d+\.attn\.proj',
+    'timm ViT, EVA-02, SAM, BEiT (blocks.N.attn.proj)':
+    r'(?:.*\.)?blocks\.\d+\.attn\.proj',
+    'mmseg/mmdet SwinTransformer (stages.N.blocks.M.attn.w_msa.proj)':
+    r'(?:.*\.)?stages\.\d+\.blocks\.\d+\.attn\.w_msa\.proj',
     'mmseg VisionTransformer (layers.N.attn.attn.out_proj)':
     r'(?:.*\.)?layers\.\d+\.attn\.attn\.out_proj',
     'mmpretrain VisionTransformer (layers.N.attn.proj)':

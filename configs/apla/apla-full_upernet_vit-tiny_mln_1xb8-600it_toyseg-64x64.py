@@ -2,4 +2,6 @@
 _base_ = ['../finetune/upernet_vit-tiny_mln_1xb8-600it_toyseg-64x64.py']
 custom_imports = dict(imports=['apla_mm'], allow_failed_imports=False)
 custom_hooks = [dict(type='APLAHook', rank='full', seed=0)]
-optim_wrapper = dict(type='APLAOptimWrapper')
+# The official APLA recipe: biases and 1-D parameters without weight decay.
+optim_wrapper = dict(
+    paramwise_cfg=dict(bias_decay_mult=0.0, flat_decay_mult=0.0))

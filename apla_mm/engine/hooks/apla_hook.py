@@ -7,7 +7,6 @@ from mmengine.logging import print_log
 
 from apla_mm.peft.apla import APLAAdapter, APLAConfig, Rank
 from apla_mm.registry import HOOKS
-from ..optim_wrappers.apla_optim_wrapper import APLAOptimWrapperMixin
 from ..runner_utils import check_same_on_all_ranks
 from .peft_hook import BasePEFTHook
 
@@ -19,25 +18,31 @@ class APLAHook(BasePEFTHook):
     APLA (Sorkhei et al., arXiv 2503.11335) adapts a pretrained ViT by
     training a fixed random subset of the output channels of each attention
     output projection; the rest of the backbone stays frozen, while necks and
-    heads train as usual. Add to any config with a ViT backbone::
+    heads train as usual. Add to any config with a ViT or Swin backbone::
 
         custom_imports = dict(imports=['apla_mm'], allow_failed_imports=False)
         custom_hooks = [dict(type='APLAHook', rank=64, seed=0)]
-        optim_wrapper = dict(type='APLAOptimWrapper', optimizer=...)
+
+    (if the base config has its own ``custom_imports``/``custom_hooks``,
+    extend them: ``custom_hooks = _base_.custom_hooks + [dict(...)]``). Any
+    optimizer wrapper works: ``OptimWrapper``, ``AmpOptimWrapper`` (the
+    ``--amp`` flags of mmseg's, mmdet's and our ``tools/train.py``), with
+    gradient accumulation and clipping, or a wrapper of your own.
 
     What it does, in the Runner's order:
 
     * ``before_run`` (training only): chooses the channels, freezes the
       ``frozen_modules``, creates the trainable rows, moves the already-built
-      optimizer onto them, rebuilds a DDP wrapper, binds the
-      :class:`~apla_mm.engine.APLAOptimWrapper` (which copies the rows into
-      the weights after each step), logs the trainable-parameter report and
-      writes ``apla_indices.json`` to the work dir (see
-      :class:`BasePEFTHook`).
+      optimizer onto them and installs the optimizer step post-hook that
+      copies the rows into the weights after each step
+      (:meth:`APLAAdapter.attach_optimizer`), rebuilds a DDP wrapper and logs
+      the trainable-parameter report (see :class:`BasePEFTHook`).
     * ``after_load_checkpoint`` (``--resume``): checks that the checkpoint
       was trained with the same rank/seed/targets and restores its channels.
     * ``before_train``: reloads the rows from the (now initialised or
-      loaded) weights; with ``selection='norm'`` picks the channels.
+      loaded) weights; with ``selection='norm'`` picks the channels; writes
+      ``apla_indices.json`` to the work dir, only now that the run's
+      settings were accepted (a refused ``--resume`` leaves the file alone).
     * ``before_save_checkpoint``: stores the settings and channels under
       ``meta['apla_mm']``. The state dict itself is the plain model's.
 
@@ -46,13 +51,18 @@ class APLAHook(BasePEFTHook):
     ``tools/test.py`` works with this config or the base config alike.
 
     Args:
-        rank (int | str): Output channels trained per layer, or ``'full'``
-            for all of W_O. Defaults to 64.
+        rank (int | float | str): Output channels trained per layer (an
+            ``int``, at most the narrowest layer's width), the share of each
+            layer's channels (a ``float`` in ``(0, 1)``: Swin's stages differ
+            in width, so ``rank=0.125`` trains 12...96 channels in Swin-T's
+            stages), or ``'full'`` for all of W_O. Defaults to 64.
         seed (int): Seed of the per-layer choice. Defaults to 0.
         targets (str | list[str], optional): Full-match regexes over module
             names selecting the projections; ``None`` auto-detects W_O of
-            timm (``blocks.N.attn.proj``), mmseg (``layers.N.attn.attn.
-            out_proj``) and mmpretrain (``layers.N.attn.proj``) ViTs.
+            timm ViTs incl. EVA-02/SAM/BEiT (``blocks.N.attn.proj``), mmseg
+            (``layers.N.attn.attn.out_proj``) and mmpretrain
+            (``layers.N.attn.proj``) ViTs and mmseg/mmdet Swin
+            (``stages.N.blocks.M.attn.w_msa.proj``).
         selection (str): ``'random'`` or ``'norm'``. Defaults to
             ``'random'``.
         index_file (str, optional): JSON file with the channels per layer.
@@ -91,29 +101,14 @@ class APLAHook(BasePEFTHook):
 
     def build_adapter(self, model) -> APLAAdapter:
         """Apply APLA to a model (also usable outside a Runner, e.g. for
-        benchmarks: train ``adapter.adapted_parameters()`` and the model's
-        other trainable parameters, call ``adapter.sync_()`` after each
-        optimizer step)."""
+        benchmarks: train the model's trainable parameters and call
+        ``adapter.attach_optimizer(optimizer)``)."""
         return APLAAdapter(model, self.config)
 
-    def check_optim_wrapper(self, optim_wrapper) -> None:
-        if not isinstance(optim_wrapper, APLAOptimWrapperMixin):
-            raise TypeError(
-                'APLAHook needs the APLA optimizer wrapper, got '
-                f"{type(optim_wrapper).__name__}. Set optim_wrapper = dict("
-                "type='APLAOptimWrapper', optimizer=...) (or "
-                "'APLAAmpOptimWrapper' for mixed precision; tools/train.py "
-                '--amp switches to it).')
-
     def bind_optim_wrapper(self, optim_wrapper) -> None:
-        optim_wrapper.bind_adapter(self.adapter)
-
-    def before_run(self, runner) -> None:
-        fresh = self.adapter is None
-        super().before_run(runner)
-        if fresh and self.adapter is not None and self.save_index_file \
-                and not self.config.full and not self.adapter.needs_selection:
-            self._write_indices(runner)
+        # The adapter keeps W_O in step with its rows after every real
+        # optimizer step, whichever wrapper drives the optimizer.
+        self.adapter.attach_optimizer(optim_wrapper.optimizer)
 
     def before_train(self, runner) -> None:
         adapter = self.adapter
@@ -123,11 +118,12 @@ class APLAHook(BasePEFTHook):
             adapter.select_from_weights_()
             check_same_on_all_ranks(adapter.indices(),
                                     'The APLA channel selection')
-            if self.save_index_file:
-                self._write_indices(runner)
         else:
             # The weights were (re)initialised or loaded after before_run.
             adapter.refresh_rows_()
+        if self.save_index_file and not self.config.full:
+            # Only now: a --resume with other settings was refused before.
+            self._write_indices(runner)
 
     def check_resume(self, meta: dict) -> None:
         saved = meta['config']
@@ -164,8 +160,15 @@ class APLAHook(BasePEFTHook):
     def summary_title(self) -> str:
         adapter = self.adapter
         layer = adapter.layers[0]
-        rank = ('all' if self.config.full else
-                f'{self.config.rank} of {layer.out_features}')
+        ranks = sorted({(lay.target_rank, lay.out_features)
+                        for lay in adapter.layers})
+        if self.config.full:
+            rank = 'all'
+        elif len(ranks) == 1:
+            rank = f'{layer.target_rank} of {layer.out_features}'
+        else:
+            rank = ', '.join(f'{r} of {o}' for r, o in ranks) + (
+                f' (rank={self.config.rank})')
         selection = ('index file' if self.config.index_file else
                      self.config.selection)
         return (f'APLA: {len(adapter.layers)} attention output projections '

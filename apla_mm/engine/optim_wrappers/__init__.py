@@ -1,8 +1,6 @@
 from .amp import PortableAmpOptimWrapper
-from .apla_optim_wrapper import (APLAAmpOptimWrapper, APLAOptimWrapper,
-                                 APLAOptimWrapperMixin)
+from .apla_optim_wrapper import APLAAmpOptimWrapper, APLAOptimWrapper
 
 __all__ = [
-    'APLAAmpOptimWrapper', 'APLAOptimWrapper', 'APLAOptimWrapperMixin',
-    'PortableAmpOptimWrapper'
+    'APLAAmpOptimWrapper', 'APLAOptimWrapper', 'PortableAmpOptimWrapper'
 ]

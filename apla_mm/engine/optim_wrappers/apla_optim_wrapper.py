@@ -1,73 +1,51 @@
-"""Optimizer wrappers that keep APLA's frozen weights in step with its rows."""
-from contextlib import contextmanager
-from typing import Optional
+"""Deprecated names of the optimizer wrappers APLA needed before 0.2.
 
-import torch.nn as nn
+APLA no longer needs an optimizer wrapper of its own: :class:`APLAHook`
+installs an optimizer step post-hook that copies the trained rows into W_O
+(:meth:`apla_mm.peft.APLAAdapter.attach_optimizer`), so mmengine's
+``OptimWrapper`` and ``AmpOptimWrapper`` (what the ``--amp`` flags of mmseg's,
+mmdet's and our ``tools/train.py`` select) or any wrapper of one's own train
+APLA. Configs written for the old design, with
+``optim_wrapper = dict(type='APLAOptimWrapper')``, keep working: these classes
+are the plain wrappers plus a warning that says to remove the line.
+"""
+import logging
+
+from mmengine.logging import print_log
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 
-from apla_mm.peft.apla import APLAAdapter
 from apla_mm.registry import OPTIM_WRAPPERS
 from .amp import PortableAmpMixin
 
+_MESSAGE = (
+    "optim_wrapper type '{old}' is no longer needed: APLAHook keeps W_O in "
+    'step with the trained rows through an optimizer step post-hook, with '
+    "any optimizer wrapper. It now behaves as '{new}'; remove the type from "
+    "the config (or set type='{new}') so that mmseg's and mmdet's own "
+    "'--amp' flag works too.")
 
-class APLAOptimWrapperMixin:
-    """Behaviour shared by :class:`APLAOptimWrapper` and its AMP variant.
 
-    :class:`~apla_mm.engine.APLAHook` binds the :class:`APLAAdapter` to the
-    wrapper before training. After every optimizer step the wrapper copies
-    the updated rows into the projection weights (:meth:`APLAAdapter.sync_`):
-    only the selected rows change, so the frozen rows are never written.
-    Stepping without a bound adapter is an error, since the model would then
-    train on stale weights.
-    """
+class _DeprecatedAPLAWrapperMixin:
 
-    _apla_adapter: Optional[APLAAdapter] = None
+    _new_name = 'OptimWrapper'
 
-    def bind_adapter(self, adapter: APLAAdapter) -> None:
-        """Attach the adapter whose rows this wrapper's optimizer trains."""
-        self._apla_adapter = adapter
-
-    @property
-    def adapter(self) -> Optional[APLAAdapter]:
-        return self._apla_adapter
-
-    def _check_bound(self) -> None:
-        if self._apla_adapter is None:
-            raise RuntimeError(
-                f'{type(self).__name__} is used without APLAHook. Add '
-                "custom_hooks = [dict(type='APLAHook', rank=64)] to the "
-                "config, or use type='OptimWrapper' for a run without APLA.")
-
-    @contextmanager
-    def optim_context(self, model: nn.Module):
-        self._check_bound()
-        with super().optim_context(model):
-            yield
-
-    def step(self, **kwargs) -> None:
-        self._check_bound()
-        super().step(**kwargs)
-        self._apla_adapter.sync_()
+    def __init__(self, *args, **kwargs) -> None:
+        print_log(
+            _MESSAGE.format(old=type(self).__name__, new=self._new_name),
+            logger='current',
+            level=logging.WARNING)
+        super().__init__(*args, **kwargs)
 
 
 @OPTIM_WRAPPERS.register_module()
-class APLAOptimWrapper(APLAOptimWrapperMixin, OptimWrapper):
-    """:class:`mmengine.optim.OptimWrapper` for APLA runs.
-
-    Use it with :class:`~apla_mm.engine.APLAHook`::
-
-        custom_hooks = [dict(type='APLAHook', rank=64, seed=0)]
-        optim_wrapper = dict(type='APLAOptimWrapper',
-                             optimizer=dict(type='AdamW', lr=1e-4))
-
-    Gradient clipping, accumulation and paramwise settings work as in
-    ``OptimWrapper``.
-    """
+class APLAOptimWrapper(_DeprecatedAPLAWrapperMixin, OptimWrapper):
+    """Deprecated: :class:`mmengine.optim.OptimWrapper` with a warning."""
 
 
 @OPTIM_WRAPPERS.register_module()
-class APLAAmpOptimWrapper(APLAOptimWrapperMixin, PortableAmpMixin,
+class APLAAmpOptimWrapper(_DeprecatedAPLAWrapperMixin, PortableAmpMixin,
                           AmpOptimWrapper):
-    """Mixed-precision :class:`APLAOptimWrapper` (float16 with loss scaling
-    on GPUs, bfloat16 on CPUs). ``tools/train.py --amp`` switches an
-    ``APLAOptimWrapper`` config to it."""
+    """Deprecated: :class:`~apla_mm.engine.PortableAmpOptimWrapper` (mixed
+    precision; bfloat16 on CPUs) with a warning."""
+
+    _new_name = 'AmpOptimWrapper'
