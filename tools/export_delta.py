@@ -13,6 +13,7 @@ import torch
 
 import apla_mm  # noqa: F401  (checkpoint loading fix)
 from apla_mm.peft.delta import export_delta
+from apla_mm.utils.checkpoint_io import load_checkpoint_file
 
 
 def numel(state_dict) -> int:
@@ -32,7 +33,7 @@ def main():
     if osp.exists(out) and not args.force:
         raise FileExistsError(f'{out} exists; choose another --out or pass '
                               '--force to overwrite it')
-    checkpoint = torch.load(args.checkpoint, map_location='cpu')
+    checkpoint = load_checkpoint_file(args.checkpoint)
     delta = export_delta(checkpoint)
     os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
     torch.save(delta, out)

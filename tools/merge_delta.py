@@ -17,6 +17,7 @@ import torch
 
 import apla_mm  # noqa: F401  (registers modules, checkpoint loading fix)
 from apla_mm.peft.delta import merge_delta
+from apla_mm.utils.checkpoint_io import load_checkpoint_file
 
 
 def base_from_config(path: str) -> dict:
@@ -49,9 +50,9 @@ def main():
     if osp.exists(args.out) and not args.force:
         raise FileExistsError(f'{args.out} exists; choose another --out or '
                               'pass --force to overwrite it')
-    delta = torch.load(args.delta, map_location='cpu')
+    delta = load_checkpoint_file(args.delta)
     if args.base:
-        base = torch.load(args.base, map_location='cpu')
+        base = load_checkpoint_file(args.base)
         base = base.get('state_dict', base)
     else:
         base = base_from_config(args.config)

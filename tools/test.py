@@ -7,8 +7,13 @@ The command line is that of mmseg's/mmdet's ``tools/test.py``::
     python tools/test.py CONFIG CHECKPOINT --show-dir vis --out preds
 
 ``--out`` follows the config's library: a folder of predicted label maps for
-mmseg configs, a ``.pkl`` file of detections for mmdet configs.
-``--show-dir`` writes images with the predictions drawn.
+mmseg configs (``preds/*.png``, one class value per pixel, plus coloured
+copies in the dataset's palette in ``preds/color/``), a ``.pkl`` file of
+detections for mmdet configs. ``--show-dir`` writes images with the
+predictions drawn (``vis/vis_image/`` for mmseg configs, ``vis/`` for mmdet
+configs). Relative paths are taken from the current directory; the tool
+prints where it wrote. The checkpoint is verified first (zip checksums, a
+state dict that fits the model; see :mod:`apla_mm.utils.checkpoint_io`).
 """
 import argparse
 import os
@@ -19,6 +24,8 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import apla_mm  # noqa: F401  (registers modules, checkpoint loading fix)
+from apla_mm.engine.hooks import CheckpointCheckHook
+from apla_mm.utils.checkpoint_io import verify_checkpoint_file
 from apla_mm.utils.cli import (check_data_roots, load_config,
                                setup_cpu_distributed)
 
@@ -54,6 +61,12 @@ def parse_args():
         help='job launcher')
     parser.add_argument(
         '--tta', action='store_true', help='test-time augmentation')
+    parser.add_argument(
+        '--allow-partial-checkpoint',
+        action='store_true',
+        help='evaluate a checkpoint that fits the model only partly '
+        '(missing, extra or reshaped entries keep their initial values); by '
+        'default that is an error')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     args = parser.parse_args()
     if 'LOCAL_RANK' not in os.environ:
@@ -76,7 +89,7 @@ def trigger_visualization(cfg: Config, args, task: str) -> None:
         if task == 'det':
             vis['test_out_dir'] = osp.abspath(args.show_dir)
         else:
-            cfg.visualizer['save_dir'] = args.show_dir
+            cfg.visualizer['save_dir'] = osp.abspath(args.show_dir)
             vis['interval'] = 1  # mmseg draws every `interval`-th batch
     if vis.get('type') in ('SegVisualizationHook',
                            'mmseg.SegVisualizationHook'):
@@ -87,9 +100,7 @@ def trigger_visualization(cfg: Config, args, task: str) -> None:
 
 def main():
     args = parse_args()
-    if not osp.isfile(args.checkpoint):
-        raise FileNotFoundError(f'checkpoint {args.checkpoint!r} does not '
-                                'exist')
+    verify_checkpoint_file(args.checkpoint)
     cfg, task = load_config(args)
     cfg.load_from = args.checkpoint
     if args.launcher != 'none':
@@ -105,7 +116,7 @@ def main():
         cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
         cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
     if args.out is not None and task == 'seg':
-        cfg.test_evaluator['output_dir'] = args.out
+        cfg.test_evaluator['output_dir'] = osp.abspath(args.out)
         cfg.test_evaluator['keep_results'] = True
     if args.out is not None and task == 'det' and not args.out.endswith(
             ('.pkl', '.pickle')):
@@ -120,7 +131,61 @@ def main():
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(
             DumpDetResults(out_file_path=args.out))
+    runner.register_hook(
+        CheckpointCheckHook(allow_partial=args.allow_partial_checkpoint))
     runner.test()
+    report_outputs(runner, args, task)
+
+
+def colorize_label_maps(folder: str, palette, reduce_zero_label: bool) -> int:
+    """Write ``folder/color/<name>.png``: the label maps of ``--out`` in
+    the dataset's palette (the maps hold class values 0..N, which look black
+    in an image viewer). Returns the number of images written."""
+    import glob
+
+    import numpy as np
+    from PIL import Image
+    files = sorted(glob.glob(osp.join(folder, '*.png')))
+    if not files or not palette:
+        return 0
+    out_dir = osp.join(folder, 'color')
+    os.makedirs(out_dir, exist_ok=True)
+    # With reduce_zero_label, mmseg writes class c as c + 1 (0: ignored).
+    offset = 1 if reduce_zero_label else 0
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    for index, colour in enumerate(palette):
+        if index + offset < 256:
+            lut[index + offset] = colour
+    for path in files:
+        labels = np.asarray(Image.open(path))
+        Image.fromarray(lut[labels]).save(
+            osp.join(out_dir, osp.basename(path)))
+    return len(files)
+
+
+def report_outputs(runner, args, task: str) -> None:
+    """Say where the predictions went."""
+    from mmengine.logging import print_log
+    if args.out is not None:
+        if task == 'seg':
+            folder = osp.abspath(args.out)
+            dataset = runner.test_dataloader.dataset
+            count = colorize_label_maps(
+                folder, dataset.metainfo.get('palette'),
+                bool(getattr(dataset, 'reduce_zero_label', False)))
+            print_log(
+                f'--out: label maps (one class value per pixel) in {folder}/'
+                f'; coloured copies ({count}) in {folder}/color/',
+                logger='current')
+        else:
+            print_log(f'--out: detections in {osp.abspath(args.out)}',
+                      logger='current')
+    if args.show_dir:
+        where = osp.abspath(args.show_dir)
+        if task == 'seg':
+            where = osp.join(where, 'vis_image')
+        print_log(f'--show-dir: images with the predictions drawn in '
+                  f'{where}/', logger='current')
 
 
 if __name__ == '__main__':

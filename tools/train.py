@@ -17,8 +17,10 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import apla_mm  # noqa: F401  (registers modules, checkpoint loading fix)
-from apla_mm.utils.cli import (check_data_roots, enable_amp, load_config,
-                               setup_cpu_distributed)
+from apla_mm.engine.hooks import CheckpointCheckHook
+from apla_mm.utils.cli import (amp_note, check_data_roots, enable_amp,
+                               load_config, prepare_resume,
+                               setup_cpu_distributed, use_safe_checkpoint_hook)
 
 
 def parse_args():
@@ -32,7 +34,24 @@ def parse_args():
         type=str,
         const='auto',
         help='resume from the given checkpoint, or without a value from the '
-        'latest checkpoint in the work directory')
+        'newest checkpoint in the work directory that verifies (damaged ones '
+        'are skipped; if checkpoints exist but none is intact, the run '
+        'stops instead of starting over)')
+    parser.add_argument(
+        '--allow-partial-checkpoint',
+        action='store_true',
+        help='accept a load_from/--resume checkpoint that fits the model '
+        'only partly (missing, extra or reshaped entries); by default that '
+        'is an error')
+    parser.add_argument(
+        '--allow-partial-pretrained',
+        nargs='+',
+        metavar='REGEX',
+        help='PEFT runs: frozen entries (full-matched names such as '
+        "'backbone\\.pos_embed') allowed to stay without pretrained "
+        'weights; by default an incomplete pretrained load of a frozen '
+        'backbone stops the run (sets allow_partial_pretrained in the '
+        'config)')
     parser.add_argument(
         '--amp',
         action='store_true',
@@ -69,7 +88,8 @@ def main():
     has_gpu = torch.cuda.is_available()
     if args.amp:
         wrapper = enable_amp(cfg, has_gpu)
-        print_log(f'--amp: optimizer wrapper is {wrapper}', logger='current')
+        print_log(f'--amp: optimizer wrapper is {wrapper}, '
+                  f'{amp_note(cfg, has_gpu)}', logger='current')
     if args.launcher != 'none' and not has_gpu:
         setup_cpu_distributed(cfg, args.launcher)
     if args.auto_scale_lr:
@@ -78,20 +98,21 @@ def main():
                 '--auto-scale-lr needs auto_scale_lr = dict('
                 'base_batch_size=N) in the config.')
         cfg.auto_scale_lr.enable = True
-    if args.resume == 'auto':
-        cfg.resume = True
-        cfg.load_from = None
-    elif args.resume is not None:
-        if not os.path.isfile(args.resume):
-            raise FileNotFoundError(f'--resume {args.resume}: no such file')
-        cfg.resume = True
-        cfg.load_from = args.resume
+    if args.allow_partial_pretrained:
+        cfg.allow_partial_pretrained = list(args.allow_partial_pretrained)
+    done = prepare_resume(cfg, args.resume)
+    if done is not None:
+        print_log(done, logger='current')
+        return
+    use_safe_checkpoint_hook(cfg)
     check_data_roots(cfg, ['train_dataloader', 'val_dataloader'])
 
     if 'runner_type' not in cfg:
         runner = Runner.from_cfg(cfg)
     else:
         runner = RUNNERS.build(cfg)
+    runner.register_hook(
+        CheckpointCheckHook(allow_partial=args.allow_partial_checkpoint))
     runner.train()
 
 

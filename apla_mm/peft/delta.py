@@ -116,6 +116,15 @@ def export_delta(checkpoint: dict) -> dict:
         ``r``; full tensors for ``rank='full'``) under the original key, or
         the LoRA factors, and every entry outside the frozen modules.
     """
+    if isinstance(checkpoint, dict) and 'base_fingerprint' in checkpoint.get(
+            'meta', {}):
+        raise ValueError(
+            'This file is already a delta (written by export_delta, '
+            f"format {checkpoint['meta'].get('format')}): there is nothing "
+            'to export. Merge it into its base model with tools/'
+            'merge_delta.py DELTA --base BASE.pth (or --config CFG) --out '
+            'merged.pth, or export from the full checkpoint of the run '
+            '(work_dirs/<run>/iter_N.pth).')
     meta = read_meta(checkpoint)
     if meta.get('method') not in ('apla', 'lora'):
         raise ValueError(f"export_delta handles APLA and LoRA checkpoints, "

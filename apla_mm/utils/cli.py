@@ -168,3 +168,104 @@ def check_data_roots(cfg: Config, loaders: List[str]) -> None:
                 f' are taken from {os.getcwd()}).{hint} Or point the config '
                 f'at your data with --cfg-options {loader}.dataset.data_root'
                 '=PATH.')
+
+
+def amp_note(cfg: Config, has_gpu: bool) -> str:
+    """What ``--amp`` computes in, for the log (e.g. ``'bfloat16 autocast
+    on the CPU'``)."""
+    wrapper = cfg.optim_wrapper
+    dtype = wrapper.get('dtype')
+    if not has_gpu:
+        return 'bfloat16 autocast on the CPU (no loss scaling needed)'
+    dtype = str(dtype or 'float16').replace('torch.', '')
+    scale = wrapper.get('loss_scale', 'dynamic')
+    scaling = (f', loss scale {scale}' if dtype == 'float16' else '')
+    return f'{dtype} autocast on the GPU{scaling}'
+
+
+def use_safe_checkpoint_hook(cfg: Config) -> bool:
+    """Replace mmengine's ``CheckpointHook`` in ``default_hooks`` with
+    :class:`~apla_mm.engine.SafeCheckpointHook` (same arguments; saves that
+    survive a kill). Returns whether it was replaced."""
+    hooks = cfg.get('default_hooks') or {}
+    ckpt = hooks.get('checkpoint')
+    if isinstance(ckpt, dict) and ckpt.get('type') in (
+            'CheckpointHook', 'mmengine.CheckpointHook'):
+        ckpt['type'] = 'SafeCheckpointHook'
+        return True
+    return False
+
+
+def _is_local(path: str) -> bool:
+    return '://' not in str(path)
+
+
+def _finished(cfg: Config, meta: dict) -> Optional[Tuple[str, str]]:
+    """``(where, option)`` if a checkpoint with ``meta`` is at the end of training."""
+    train_cfg = cfg.get('train_cfg') or {}
+    if 'max_iters' in train_cfg and train_cfg.get('type', '') != \
+            'EpochBasedTrainLoop' and meta.get('iter') is not None:
+        if int(meta['iter']) >= int(train_cfg['max_iters']):
+            return (f'at iteration {meta["iter"]}, train_cfg.max_iters is '
+                    f'{train_cfg["max_iters"]}', 'train_cfg.max_iters')
+    if 'max_epochs' in train_cfg and meta.get('epoch') is not None:
+        if int(meta['epoch']) >= int(train_cfg['max_epochs']):
+            return (f'at epoch {meta["epoch"]}, train_cfg.max_epochs is '
+                    f'{train_cfg["max_epochs"]}', 'train_cfg.max_epochs')
+    return None
+
+
+def prepare_resume(cfg: Config, resume: Optional[str]) -> Optional[str]:
+    """Point the config at the checkpoint a run continues from, verified.
+
+    * ``resume='auto'`` (``--resume`` without a value): the newest
+      checkpoint in the work dir that verifies (``last_checkpoint`` or any
+      ``iter_N.pth``/``epoch_N.pth``; damaged newer ones are skipped and
+      named). Checkpoints present but none intact is an error, so a run
+      never restarts from scratch over them; no checkpoint at all starts a
+      new run, with a warning.
+    * ``resume=PATH``: that file, verified.
+    * ``resume=None``: a local ``load_from`` is verified.
+
+    Returns:
+        str | None: A message when the checkpoint is already at the end of
+        the schedule (nothing to train); None otherwise.
+
+    Raises:
+        FileNotFoundError, CheckpointError: As
+            :func:`~apla_mm.utils.checkpoint_io.verify_checkpoint_file`.
+    """
+    from .checkpoint_io import (checkpoint_meta, find_resume_checkpoint,
+                                verify_checkpoint_file)
+    if resume is None:
+        if cfg.get('load_from') and _is_local(cfg.load_from):
+            verify_checkpoint_file(cfg.load_from)
+        return None
+    if resume == 'auto':
+        choice = find_resume_checkpoint(cfg.work_dir)
+        for path, why in choice.skipped:
+            print_log(f'--resume: skipping {path}: {why}', logger='current',
+                      level=logging.WARNING)
+        if choice.path is None:
+            print_log(
+                f'--resume: no checkpoint in {cfg.work_dir} (last_checkpoint'
+                f' {"names nothing usable" if choice.pointer else "absent"});'
+                ' starting a new run.', logger='current',
+                level=logging.WARNING)
+            cfg.resume = False
+            return None
+        path = choice.path
+    else:
+        verify_checkpoint_file(resume)
+        path = resume
+    cfg.resume = True
+    cfg.load_from = path
+    print_log(f'--resume: continuing from {path} (verified)',
+              logger='current')
+    finished = _finished(cfg, checkpoint_meta(path))
+    if finished is None:
+        return None
+    where, key = finished
+    return (f'--resume: {path} is already at the end of training ({where}); '
+            f'nothing to do. To train longer, raise {key} (e.g. '
+            f'--cfg-options {key}=N) and resume again.')

@@ -5,6 +5,8 @@ from mmengine.logging import print_log
 from apla_mm.peft.optim import rebind_optimizer
 from apla_mm.peft.report import count_parameters, format_report
 from apla_mm.peft.utils import unwrap_model
+from apla_mm.utils.load_guard import (PretrainedLoadRecorder,
+                                      check_frozen_pretrained)
 from ..runner_utils import check_same_on_all_ranks, is_training, rewrap_ddp
 
 META_KEY = 'apla_mm'
@@ -24,7 +26,20 @@ class BasePEFTHook(Hook):
     3. rebuilds a DDP wrapper with the same settings, so that frozen
        parameters are not synchronised and the new ones are;
     4. checks that every process made the same choices and logs the
-       trainable-parameter report.
+       trainable-parameter report;
+    5. starts recording the loads of pretrained weights that mmengine's
+       ``_init_model_weights`` (and ``load_from``/``--resume``) then do. When
+       training starts (``before_train_epoch``), a frozen module whose
+       pretrained weights did not load completely -- entries missing in the
+       file, of another shape, or file entries of the module's own parts it
+       does not have -- stops the run with
+       :class:`~apla_mm.utils.load_guard.IncompletePretrainedLoadError`,
+       which lists them: frozen, they would stay random for the whole run.
+       Intentional partial loads are allowed with
+       ``allow_partial_pretrained = [regex, ...]`` at the top level of the
+       config (or ``tools/train.py --allow-partial-pretrained REGEX``),
+       full-matched on entry names such as ``backbone.vit.pos_embed`` (see
+       :mod:`apla_mm.utils.load_guard`).
 
     It stores the adapter's description in ``meta['apla_mm']`` of every
     checkpoint and, on ``--resume``, refuses a checkpoint trained with other
@@ -41,6 +56,11 @@ class BasePEFTHook(Hook):
     #: Whether validation/testing outside training needs the adapter too
     #: (e.g. to load LoRA factors); APLA's checkpoints are plain models.
     apply_for_inference = False
+    #: Regexes (full-matched on the model's entry names) of frozen entries
+    #: allowed to stay without pretrained weights, added to the config's
+    #: top-level ``allow_partial_pretrained`` (see
+    #: :mod:`apla_mm.utils.load_guard`).
+    allow_partial_pretrained: tuple = ()
 
     def __init__(self) -> None:
         self.adapter = None
@@ -94,6 +114,31 @@ class BasePEFTHook(Hook):
         check_same_on_all_ranks(self.adapter.meta(),
                                 f'The {self.method} configuration')
         self.log_summary(runner)
+        # Record the pretrained loads of _init_model_weights/load_or_resume,
+        # which mmengine runs after before_run; checked when training starts.
+        self._load_recorder = PretrainedLoadRecorder().start()
+
+    def before_train_epoch(self, runner) -> None:
+        # The first hook after the weights are initialised and loaded that
+        # every PEFT hook inherits (APLAHook overrides before_train).
+        recorder = getattr(self, '_load_recorder', None)
+        if recorder is None:
+            return
+        self._load_recorder = None
+        loads = recorder.stop()
+        model = unwrap_model(runner.model)
+        created = {id(p) for p in self.adapter.adapted_parameters()}
+        allowed = check_frozen_pretrained(
+            model, loads, self.adapter.config.frozen_modules, self.method,
+            allow=tuple(runner.cfg.get('allow_partial_pretrained') or ())
+            + tuple(self.allow_partial_pretrained),
+            exclude=[n for n, p in model.named_parameters()
+                     if id(p) in created])
+        if allowed:
+            print_log(
+                f'{self.method}: frozen entries left without pretrained '
+                f'weights, as allowed by allow_partial_pretrained: '
+                f'{allowed.describe()}', logger='current', level=30)
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         if self.adapter is not None:

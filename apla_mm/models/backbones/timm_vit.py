@@ -183,6 +183,18 @@ class TimmViT(BaseModule):
                     f'{key}: checkpoint shape {tuple(state_dict[key].shape)} '
                     f'!= model shape {tuple(own[key].shape)}; do model_name '
                     'and model_kwargs describe the checkpoint\'s architecture?')
+        # Tell a PEFT hook's load guard what this load leaves out (blocks
+        # after the last output were pruned on purpose).
+        from apla_mm.utils.load_guard import record_pretrained_load
+        depth = len(self.vit.blocks)
+
+        def pruned(key: str) -> bool:
+            parts = key.split('.')
+            return len(parts) > 2 and parts[0] == 'blocks' \
+                and parts[1].isdigit() and int(parts[1]) >= depth
+
+        record_pretrained_load(
+            self.vit, state_dict, source=path, ignore_unexpected=pruned)
         result = self.vit.load_state_dict(
             {k: state_dict[k] for k in matched}, strict=False)
         missing = list(result.missing_keys)
