@@ -214,7 +214,9 @@ def test_outputs_contain_every_method(tiny_seg, tmp_path):
     for m in tiny_seg['methods']:
         assert f"| {m['label']} |" in md
         assert {'train_time', 'infer_time', 'memory', 'params'} <= set(m)
-        assert set(m['ratios']) == {'memory', 'train_time', 'infer_time'}
+        assert set(m['ratios']) == {'memory', 'memory_fp32', 'train_time',
+                                    'infer_time'}
+        assert m['ratios']['memory'] == m['ratios']['memory_fp32']
     meta = data['meta']
     assert meta['size'] == 64 and meta['batch'] == 2
     assert meta['versions']['torch'] == torch.__version__

@@ -10,6 +10,11 @@ batch and device. See docs/benchmark.md.
     python tools/benchmark.py seg --model tiny --steps 1 --warmup 0 --no-peak
     python tools/benchmark.py --configs configs/finetune/A.py configs/apla/B.py
     python tools/benchmark.py det --methods full,frozen,apla-r64 --device cuda
+    # float32 and bf16 autocast; memory options; abstract (fake) accounts
+    python tools/benchmark.py seg --model vit-b16 --precision fp32,bf16 \
+        --methods full,full+all,apla-r64+cp,apla-r64+all --no-timing --no-peak
+    python tools/benchmark.py seg --model dinov2-g14 --precision bf16 \
+        --abstract --no-timing --no-peak --sdpa flash
 
 Writes <out>/benchmark.{md,json,png}.
 """
@@ -30,18 +35,38 @@ def parse_args(argv=None):
     p.add_argument('task', nargs='?', choices=['seg', 'det', 'backbone'],
                    help='task preset: seg (UperNet), det (Mask R-CNN), '
                    'backbone (ViT + linear head); omit with --configs')
-    p.add_argument('--model', default='vit-b16', choices=['tiny', 'vit-b16', 'tiny-mmseg', 'vit-b16-mmseg'],
+    p.add_argument('--model', default='vit-b16',
+                   choices=['tiny', 'vit-b16', 'vit-l16', 'dinov2-g14',
+                            'tiny-mmseg', 'vit-b16-mmseg'],
                    help='model of the preset: timm ViT-B/16 or a tiny timm '
-                   'ViT (64/96-d, 4 blocks); *-mmseg: mmseg\'s own '
-                   'VisionTransformer (seg only)')
+                   'ViT (64/96-d, 4 blocks); vit-l16, dinov2-g14: timm '
+                   'ViT-L/16 and DINOv2-g/14 (seg only, use --abstract); '
+                   '*-mmseg: mmseg\'s own VisionTransformer (seg only)')
     p.add_argument('--configs', nargs='+', default=[],
                    help='config files, one method each, instead of a preset')
     p.add_argument('--methods', default='',
                    help='comma-separated methods: full, full-cp, frozen, '
-                   'apla-r<R>, apla-full, apla-r<R>-cp, lora-r<R>, meta '
-                   '(default: the preset\'s list), or config stems')
+                   'apla-r<R>, apla-full, apla-r<R>-cp, lora-r<R>, meta, '
+                   'each optionally with memory options +cp, +lean, '
+                   '+heads, +lp, +sdpa or +all (e.g. apla-r64+cp+lean, '
+                   'full+all); default: the preset\'s list; or config stems')
+    p.add_argument('--precision', default='fp32',
+                   help='comma-separated: fp32, bf16, fp16 (autocast of '
+                   'the device); one memory account each, timing and peak '
+                   'at the first')
+    p.add_argument('--abstract', action='store_true',
+                   help='compute the accounts on fake tensors (no weights '
+                   'allocated, no arithmetic; for models too big to run '
+                   'here); needs --no-timing --no-peak')
+    p.add_argument('--sdpa', default='auto',
+                   choices=['auto', 'math', 'flash-cpu', 'flash',
+                            'efficient', 'cudnn'],
+                   help='scaled-dot-product attention kernel (the CUDA '
+                   'ones, flash/efficient/cudnn, on a CPU only with '
+                   '--abstract)')
     p.add_argument('--size', type=int, help='input height=width (default: '
-                   'seg 256, det 512, backbone 224; tiny 64/128/64)')
+                   'seg 512 (dinov2-g14 518), det 512, backbone 224; tiny '
+                   '64/128/64)')
     p.add_argument('--batch', type=int, help='images per step (default: '
                    'seg 2, det 1, backbone 8)')
     p.add_argument('--steps', type=int, default=5,
@@ -105,7 +130,11 @@ def main(argv=None):
         reference=args.reference,
         seed=args.seed,
         threads=args.threads,
-        progress=not args.no_progress)
+        progress=not args.no_progress,
+        precisions=[x.strip() for x in args.precision.split(',')
+                    if x.strip()],
+        abstract=args.abstract,
+        sdpa=args.sdpa)
     results = run_benchmark(opts)
     out = args.out or osp.join(
         'work_dirs', 'benchmark',

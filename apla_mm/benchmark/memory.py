@@ -79,16 +79,23 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
+from .abstract import is_fake
+
 MB = 2**20
 
 
 def _storage_key(t: torch.Tensor) -> Optional[Tuple[str, int, int]]:
     """``(device, data_ptr, nbytes)`` of a tensor's storage (None without
-    one, e.g. sparse tensors)."""
+    one, e.g. sparse tensors). A fake tensor (the abstract account) has no
+    data pointer: its storage is identified by its ``StorageImpl``
+    (``('fake', id, nbytes)``), which views share as real views share
+    their data."""
     try:
         s = t.untyped_storage()
     except (RuntimeError, NotImplementedError, TypeError):
         return None
+    if is_fake(t):
+        return ('fake', s._cdata, s.nbytes())
     return (str(t.device), s.data_ptr(), s.nbytes())
 
 
@@ -413,17 +420,24 @@ def account_step(trainee, warmup: bool = False, attribute: bool = True,
     trainee.zero_grad()
     model = trainee.model
     weights = weight_bytes(model)
-    with SavedTensorRecorder(model, attribute=attribute) as rec:
-        loss = trainee.forward_loss()
-    account = rec.result
-    loss.backward()
-    del loss
+    substituted = len(trainee.substitutions)
+    with trainee.compute():
+        with SavedTensorRecorder(model, attribute=attribute) as rec:
+            loss = trainee.forward_loss()
+        account = rec.result
+        trainee.backward(loss)
+        del loss
     grads = grad_bytes(model)
     trainee.optimizer_step()
     optim = optimizer_bytes(trainee.optimizer)
     trainee.zero_grad()
     total = weights + grads + optim + account.saved + account.recompute
+    subs = trainee.substitutions[substituted:]
     return dict(
+        abstract=trainee.abstract,
+        precision=trainee.amp or 'fp32',
+        sdpa=trainee.sdpa,
+        substitutions=_count_substitutions(subs),
         weights=weights,
         grads=grads,
         optimizer=optim,
@@ -434,6 +448,16 @@ def account_step(trainee, warmup: bool = False, attribute: bool = True,
         saved_by_part=breakdown(account.saved_entries, by='part'),
         saved_top=breakdown(account.saved_entries, top=top),
         recompute_top=breakdown(account.recompute_entries, top=top))
+
+
+def _count_substitutions(subs: Sequence[dict]) -> List[dict]:
+    groups: Dict[tuple, dict] = {}
+    for s in subs:
+        key = (s['op'], module_pattern(s['where']), s['assumption'])
+        g = groups.setdefault(key, dict(op=key[0], where=key[1],
+                                        assumption=key[2], count=0))
+        g['count'] += 1
+    return list(groups.values())
 
 
 # ----------------------------------------------------------------------
@@ -477,12 +501,14 @@ RESULT_PREFIX = 'APLA_MM_BENCHMARK_RESULT '
 def measure_peak(config_file: str, name: str, task: str, size: int,
                  batch: int, device: str, steps: int = 2, seed: int = 0,
                  threads: Optional[int] = None,
-                 timeout: Optional[float] = None) -> dict:
+                 timeout: Optional[float] = None,
+                 amp: Optional[str] = None, sdpa: str = 'auto') -> dict:
     """Train ``steps`` steps of a dumped method config in a fresh process
-    and return its peak memory (see the module docstring)."""
+    and return its peak memory (see the module docstring); ``amp`` and
+    ``sdpa`` as for :class:`~apla_mm.benchmark.methods.Trainee`."""
     spec = dict(config=config_file, name=name, task=task, size=size,
                 batch=batch, device=device, steps=steps, seed=seed,
-                threads=threads)
+                threads=threads, amp=amp, sdpa=sdpa)
     env = dict(os.environ, PYTHONWARNINGS='ignore')
     # glibc: a fixed mmap threshold returns every freed tensor buffer to the
     # system at once, so the resident size follows the live tensors (the

@@ -34,8 +34,42 @@ def settings_line(meta: dict) -> str:
     return (f"{meta['task']} | model {meta['model']} | input "
             f"{meta['size']}x{meta['size']} | batch {meta['batch']} | "
             f"{meta['device_name']} ({meta['device']}, {meta['threads']} "
-            f"threads) | torch {v['torch']} | {meta['precision']}, "
-            f"{meta['optimizer']}")
+            f"threads) | torch {v['torch']} | {_precision(meta)}, "
+            f"{meta['optimizer']}"
+            + (' | abstract account (fake tensors)' if meta.get('abstract')
+               else '')
+            + (f" | SDPA {meta['sdpa']}" if meta.get('sdpa', 'auto') !=
+               'auto' else ''))
+
+
+PRECISION_NAMES = dict(fp32='float32', bf16='bf16 autocast',
+                       fp16='fp16 autocast')
+
+
+def _precision(meta: dict) -> str:
+    names = meta.get('precisions') or [meta.get('precision', 'fp32')]
+    return ' and '.join(PRECISION_NAMES.get(p, p) for p in names)
+
+
+def _delta(p: dict) -> str:
+    b = p.get('delta_file_bytes')
+    return '–' if b is None else f'{b / MB:,.2f}'
+
+
+def precision_table(results: dict, precision: str) -> List[str]:
+    """The memory account of every method under one precision."""
+    lines = [
+        '| Method | Weights | Grads | AdamW state | Saved act. | Recompute | '
+        '**Total** | x ref |', '|' + '---|' * 8
+    ]
+    for r in results['methods']:
+        m = r['accounts'][precision]
+        lines.append(
+            f"| {r['label']} | {_mb(m['weights'])} | {_mb(m['grads'])} | "
+            f"{_mb(m['optimizer'])} | {_mb(m['saved'])} | "
+            f"{_mb(m['recompute'])} | **{_mb(m['total'])}** | "
+            f"{_ratio(r['ratios'].get('memory_' + precision))} |")
+    return lines
 
 
 def markdown(results: dict, title: Optional[str] = None) -> str:
@@ -78,11 +112,36 @@ def markdown(results: dict, title: Optional[str] = None) -> str:
         lines.append(
             f"| {r['label']} | {_count(p['trainable'])} | "
             f"{p['trainable_pct']:.3f} | {_count(p['total'])} | "
-            f"{p['delta_file_bytes'] / MB:,.2f} | {_mb(m['weights'])} | "
+            f"{_delta(p)} | {_mb(m['weights'])} | "
             f"{_mb(m['grads'])} | {_mb(m['optimizer'])} | "
             f"{_mb(m['saved'])} | {_mb(m['recompute'])} | "
             f"**{_mb(m['total'])}** | {_ratio(q['memory'])} | {_mb(peak)} | "
             f"{_ratio(q.get('peak'))} |")
+    for precision in (meta.get('precisions') or [])[1:]:
+        lines.append('')
+        lines.append(f'## Training memory, {PRECISION_NAMES[precision]}')
+        lines.append('')
+        lines.append(
+            'The same account with the forward pass and the losses under '
+            f'`torch.autocast({meta["device"].split(":")[0]!r}, '
+            f'{PRECISION_NAMES[precision].split()[0]})`: weights, gradients '
+            'and AdamW state stay float32 (except frozen weights stored in '
+            'low precision, `+lp`), the saved activations are mostly half '
+            'size, plus the low-precision copies of the weights autocast '
+            'casts for the matrix products.')
+        lines.append('')
+        lines.extend(precision_table(results, precision))
+    subs = [(r['label'], p, a['substitutions']) for r in methods
+            for p, a in r.get('accounts', {}).items()
+            if a.get('substitutions')]
+    if subs:
+        lines.append('')
+        lines.append(
+            'Abstract account: data-dependent operators answered by '
+            'assumption (see `apla_mm/benchmark/abstract.py`): '
+            + '; '.join(sorted({
+                f"`{g['op']}` in `{g['where']}` ({g['assumption']})"
+                for _, _, gs in subs for g in gs})) + '.')
     if any('train_time' in r for r in methods):
         lines.append('')
         lines.append('## Time')

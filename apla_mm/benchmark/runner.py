@@ -41,6 +41,14 @@ class BenchmarkOptions:
         seed: Seed of the models and the synthetic batch.
         threads: ``torch.set_num_threads`` (default: torch's).
         progress: Show a tqdm progress bar.
+        precisions: The exact account is computed for each: ``'fp32'``,
+            ``'bf16'``, ``'fp16'`` (autocast of the device; weights,
+            gradients and AdamW state float32). Timing and the peak use the
+            first. Default: float32 only.
+        abstract: Compute the accounts on fake tensors
+            (:mod:`~apla_mm.benchmark.abstract`): no weights allocated, no
+            arithmetic; no timing and no peak then.
+        sdpa: Attention kernel (:mod:`~apla_mm.benchmark.sdpa`).
     """
     task: Optional[str] = 'seg'
     model: str = 'tiny'
@@ -60,6 +68,9 @@ class BenchmarkOptions:
     threads: Optional[int] = None
     progress: bool = True
     top: int = 30
+    precisions: Sequence[str] = ('fp32', )
+    abstract: bool = False
+    sdpa: str = 'auto'
     extra: dict = field(default_factory=dict)
 
 
@@ -89,8 +100,19 @@ def device_description(device: str) -> str:
     return f'CPU ({os.cpu_count()} cores, {cpu})'
 
 
-def select_specs(opts: BenchmarkOptions):
-    """The method specs and the resolved size/batch."""
+PRECISIONS = ('fp32', 'bf16', 'fp16')
+
+
+def _amp(precision: str) -> Optional[str]:
+    if precision not in PRECISIONS:
+        raise ValueError(f'precision must be one of {PRECISIONS}, got '
+                         f'{precision!r}')
+    return None if precision == 'fp32' else precision
+
+
+def select_specs(opts: BenchmarkOptions, precision: str = 'fp32'):
+    """The method specs and the resolved size/batch (for one precision:
+    ``+lp`` and ``+all`` depend on it)."""
     if opts.configs:
         specs = config_methods(opts.configs, opts.size,
                                list(opts.methods) or None)
@@ -101,7 +123,8 @@ def select_specs(opts: BenchmarkOptions):
         size = opts.size or _config_size(specs[0].cfg, specs[0].task)
         return specs, size, batch, specs[0].source
     specs, preset = preset_methods(opts.task, opts.model, opts.size,
-                                   list(opts.methods) or None)
+                                   list(opts.methods) or None,
+                                   amp=_amp(precision))
     return specs, preset['size'], opts.batch or preset['batch'], \
         preset.get('base', 'BenchViTClassifier')
 
@@ -139,7 +162,18 @@ def _run(opts: BenchmarkOptions) -> dict:
     dev = torch.device(opts.device)
     if dev.type == 'cuda' and not torch.cuda.is_available():
         raise RuntimeError('--device cuda, but torch sees no GPU')
-    specs, size, batch, base_source = select_specs(opts)
+    precisions = list(opts.precisions) or ['fp32']
+    for p in precisions:
+        _amp(p)
+    if len(set(precisions)) != len(precisions):
+        raise ValueError(f'precisions repeat: {precisions}')
+    if opts.abstract and (opts.timing or opts.peak):
+        raise ValueError(
+            'the abstract account (fake tensors) computes nothing, so it '
+            'has no times and no peak: add --no-timing --no-peak, or drop '
+            '--abstract.')
+    spec_sets = {p: select_specs(opts, p)[0] for p in precisions}
+    specs, size, batch, base_source = select_specs(opts, precisions[0])
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f'duplicate method names {names}')
@@ -151,8 +185,9 @@ def _run(opts: BenchmarkOptions) -> dict:
     reps = opts.warmup + opts.steps
     infer_steps = opts.infer_steps or 2 * opts.steps
     need_base = opts.timing and 'full' not in names and not opts.configs
-    total = 2 * n + (n * reps + (n + need_base) *
-                     (opts.warmup + infer_steps) if opts.timing else 0)
+    total = (1 + len(precisions)) * n + (n * reps + (n + need_base) *
+                                          (opts.warmup + infer_steps)
+                                          if opts.timing else 0)
     total += n if opts.peak else 0
     progress = _Progress(total, opts.progress)
 
@@ -170,24 +205,41 @@ def _run(opts: BenchmarkOptions) -> dict:
         threads=torch.get_num_threads(),
         reference=reference,
         optimizer='AdamW (lr 1e-4, weight decay 0.01)',
-        precision='float32',
+        precision=precisions[0],
+        precisions=precisions,
+        abstract=opts.abstract,
+        sdpa=opts.sdpa,
         date=datetime.datetime.now().isoformat(timespec='seconds'),
         versions=_versions(),
         **opts.extra)
     results = {s.name: dict(name=s.name, label=s.label, source=s.source)
                for s in specs}
 
+    def build(spec, precision):
+        return Trainee(spec, batch, size, opts.device, seed=opts.seed,
+                       amp=_amp(precision), abstract=opts.abstract,
+                       sdpa=opts.sdpa)
+
     trainees = {}
     try:
         for spec in specs:
-            trainees[spec.name] = Trainee(spec, batch, size, opts.device,
-                                          seed=opts.seed)
+            trainees[spec.name] = build(spec, precisions[0])
             progress(f'build {spec.name}')
         for spec in specs:
             t = trainees[spec.name]
             results[spec.name]['params'] = t.parameter_report()
             results[spec.name]['memory'] = account_step(t, top=opts.top)
+            results[spec.name]['accounts'] = {
+                precisions[0]: results[spec.name]['memory']}
             progress(f'account {spec.name}')
+        for precision in precisions[1:]:
+            for spec in spec_sets[precision]:
+                other = build(spec, precision)
+                results[spec.name]['accounts'][precision] = account_step(
+                    other, top=opts.top)
+                del other
+                gc.collect()
+                progress(f'account {spec.name} {precision}')
         if opts.timing:
             train = interleaved(
                 {s.name: trainees[s.name].train_step for s in specs}, dev,
@@ -199,8 +251,7 @@ def _run(opts: BenchmarkOptions) -> dict:
             if need_base:
                 base_spec = MethodSpec('(base)', 'base model', task,
                                        _base_cfg(opts, specs))
-                trainees['(base)'] = Trainee(base_spec, batch, size,
-                                             opts.device, seed=opts.seed)
+                trainees['(base)'] = build(base_spec, precisions[0])
             for name, t in trainees.items():
                 t.prepare_inference()
                 calls[name] = t.infer
@@ -229,7 +280,8 @@ def _run(opts: BenchmarkOptions) -> dict:
                 results[spec.name]['peak'] = measure_peak(
                     path, spec.name, task, size, batch, opts.device,
                     steps=opts.peak_steps, seed=opts.seed,
-                    threads=opts.threads)
+                    threads=opts.threads, amp=_amp(precisions[0]),
+                    sdpa=opts.sdpa)
                 progress(f'peak {spec.name}')
     progress.close()
 
@@ -237,6 +289,9 @@ def _run(opts: BenchmarkOptions) -> dict:
     for name, r in results.items():
         ratios = {}
         ratios['memory'] = r['memory']['total'] / ref['memory']['total']
+        for precision, account in r['accounts'].items():
+            ratios[f'memory_{precision}'] = (
+                account['total'] / ref['accounts'][precision]['total'])
         if 'peak' in r:
             ratios['peak'] = (r['peak']['increment'] /
                               max(ref['peak']['increment'], 1))
@@ -255,8 +310,9 @@ def _safe(name: str) -> str:
 def _base_cfg(opts: BenchmarkOptions, specs: List[MethodSpec]):
     """The preset's base config (full fine-tuning) for the inference
     reference when ``full`` is not among the methods."""
+    precision = (list(opts.precisions) or ['fp32'])[0]
     base_specs, _ = preset_methods(opts.task, opts.model, opts.size,
-                                   ['full'])
+                                   ['full'], amp=_amp(precision))
     return base_specs[0].cfg
 
 

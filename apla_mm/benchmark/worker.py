@@ -39,7 +39,8 @@ def main(argv=None) -> None:
 
     def build():
         return Trainee(method, spec['batch'], spec['size'], device=device,
-                       seed=spec.get('seed', 0))
+                       seed=spec.get('seed', 0), amp=spec.get('amp'),
+                       sdpa=spec.get('sdpa') or 'auto')
 
     # A first, discarded round (build + one step) loads what Python, torch
     # and the libraries allocate once (lazy imports, thread pools, kernel
