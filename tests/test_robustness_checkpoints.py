@@ -153,6 +153,48 @@ def test_test_run_refuses_a_foreign_checkpoint(apla_run, toy_seg_root,
     assert 'mIoU' in metrics
 
 
+# -- item 9: where tools/test.py writes, and label maps one can look at -------
+def test_test_tool_outputs_are_reported_and_coloured(apla_run, toy_seg_root,
+                                                     tmp_path):
+    import argparse
+
+    import numpy as np
+    from PIL import Image
+    tool = _tool('test')
+    ckpt_path, _ = apla_run
+    cfg = _cfg(FT, tmp_path / 'test', toy_seg_root, val=True)
+    cfg.load_from = ckpt_path
+    cfg.default_hooks.visualization = dict(type='SegVisualizationHook')
+    # a visualizer of its own (mmengine reuses instances by name)
+    cfg.visualizer.name = f'vis_{id(tmp_path)}'
+    out, show = str(tmp_path / 'preds'), str(tmp_path / 'vis')
+    args = argparse.Namespace(out=out, show=False, show_dir=show,
+                              wait_time=0)
+    tool.trigger_visualization(cfg, args, 'seg')
+    cfg.test_evaluator.update(output_dir=out, keep_results=True)
+    runner = build_runner(cfg)
+    runner.test()
+    lines = tool.report_outputs(runner, args, 'seg')
+    drawn = osp.join(show, 'vis_data', 'vis_image')
+    assert lines == [
+        f'--out: label maps (one class value per pixel) in {out}/; '
+        f'coloured copies (8) in {out}/color/',
+        f'--show-dir: images with the predictions drawn in {drawn}/'
+    ]
+    maps = sorted(os.listdir(out))
+    assert len([m for m in maps if m.endswith('.png')]) == 8
+    assert len(os.listdir(drawn)) == 8
+    palette = runner.test_dataloader.dataset.metainfo['palette']
+    for name in (m for m in maps if m.endswith('.png')):
+        labels = np.asarray(Image.open(osp.join(out, name)))
+        rgb = np.asarray(Image.open(osp.join(out, 'color', name)))
+        assert rgb.shape == labels.shape + (3, )
+        # reduce_zero_label: class c is written as c + 1
+        for value in np.unique(labels):
+            assert tuple(rgb[labels == value][0]) == tuple(
+                palette[value - 1])
+
+
 # -- item 8: resume an APLA checkpoint with another config -------------------
 def test_full_finetuning_resume_of_apla_checkpoint_names_it(
         apla_run, toy_seg_root, tmp_path):

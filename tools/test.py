@@ -10,7 +10,7 @@ The command line is that of mmseg's/mmdet's ``tools/test.py``::
 mmseg configs (``preds/*.png``, one class value per pixel, plus coloured
 copies in the dataset's palette in ``preds/color/``), a ``.pkl`` file of
 detections for mmdet configs. ``--show-dir`` writes images with the
-predictions drawn (``vis/vis_image/`` for mmseg configs, ``vis/`` for mmdet
+predictions drawn (``vis/vis_data/vis_image/`` for mmseg configs, ``vis/`` for mmdet
 configs). Relative paths are taken from the current directory; the tool
 prints where it wrote. The checkpoint is verified first (zip checksums, a
 state dict that fits the model; see :mod:`apla_mm.utils.checkpoint_io`).
@@ -18,6 +18,7 @@ state dict that fits the model; see :mod:`apla_mm.utils.checkpoint_io`).
 import argparse
 import os
 import os.path as osp
+from typing import List
 
 from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.registry import RUNNERS
@@ -163,9 +164,10 @@ def colorize_label_maps(folder: str, palette, reduce_zero_label: bool) -> int:
     return len(files)
 
 
-def report_outputs(runner, args, task: str) -> None:
-    """Say where the predictions went."""
+def report_outputs(runner, args, task: str) -> List[str]:
+    """Say where the predictions went (also returned, one line each)."""
     from mmengine.logging import print_log
+    lines = []
     if args.out is not None:
         if task == 'seg':
             folder = osp.abspath(args.out)
@@ -173,20 +175,21 @@ def report_outputs(runner, args, task: str) -> None:
             count = colorize_label_maps(
                 folder, dataset.metainfo.get('palette'),
                 bool(getattr(dataset, 'reduce_zero_label', False)))
-            print_log(
+            lines.append(
                 f'--out: label maps (one class value per pixel) in {folder}/'
-                f'; coloured copies ({count}) in {folder}/color/',
-                logger='current')
+                f'; coloured copies ({count}) in {folder}/color/')
         else:
-            print_log(f'--out: detections in {osp.abspath(args.out)}',
-                      logger='current')
+            lines.append(f'--out: detections in {osp.abspath(args.out)}')
     if args.show_dir:
         where = osp.abspath(args.show_dir)
         if task == 'seg':
-            where = osp.join(where, 'vis_image')
-        print_log(f'--show-dir: images with the predictions drawn in '
-                  f'{where}/', logger='current')
-
+            # mmengine's LocalVisBackend: <save_dir>/vis_data/vis_image
+            where = osp.join(where, 'vis_data', 'vis_image')
+        lines.append(f'--show-dir: images with the predictions drawn in '
+                     f'{where}/')
+    for line in lines:
+        print_log(line, logger='current')
+    return lines
 
 if __name__ == '__main__':
     main()
