@@ -35,6 +35,10 @@ def parse_args(argv=None):
     p.add_argument('--batches', default='1,2,4,8,16,32',
                    help='batch sizes tried for the largest that fits')
     p.add_argument('--ranks', default='16,64,256', help='APLA ranks')
+    p.add_argument('--ladder', default='none,cp,cp+lean,cp+lean+heads,all',
+                   help='comma-separated option sets tried, from the '
+                   'fastest to the leanest (none: stock; options: cp, '
+                   'lean, heads, lp, sdpa, all)')
     p.add_argument('--reserve', default='1GB',
                    help='memory kept free for what the account does not '
                    'hold (allocator slack, workspaces, CUDA context)')
@@ -76,7 +80,9 @@ def main(argv=None):
         reserve=parse_memory(args.reserve),
         size=args.size,
         sdpa=args.sdpa,
-        cache_dir=args.cache_dir or None)
+        cache_dir=args.cache_dir or None,
+        ladder=[() if step == 'none' else tuple(step.split('+'))
+                for step in args.ladder.split(',') if step.strip()])
     result = plan(opts)
     print(format_plan(result))
     if args.json:

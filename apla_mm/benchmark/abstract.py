@@ -32,7 +32,8 @@ Pieces:
   or value depends on the data (boolean-mask indexing, ``nonzero``,
   ``.item()``), which a fake tensor cannot know. The fallback answers them
   with a fixed assumption (every mask element true; ``.item()`` of a bool is
-  True, of a number 1) and records every such answer (operator, module) in
+  False, so that ``while mask.any()`` loops and ``if bad.any(): raise``
+  checks pass; of a number 1) and records every such answer (operator, module) in
   :attr:`AbstractCompute.substitutions`, which the account reports. In the
   segmentation presets the only ones are the pixel accuracy that mmseg's
   decode heads log (computed under the labels' ``!= ignore_index`` mask and
@@ -87,6 +88,10 @@ def fake_parameters(mode) -> Iterator[None]:
     Args:
         mode: The ``FakeTensorMode`` the tensors belong to
             (:func:`new_fake_mode`).
+
+    Yields:
+        DataDependentFallback: active during the build (initialisers that
+        branch on a fake weight's values get its answers).
     """
     register_parameter = nn.Module.register_parameter
     register_buffer = nn.Module.register_buffer
@@ -110,7 +115,11 @@ def fake_parameters(mode) -> Iterator[None]:
     nn.Module.register_parameter = fake_register_parameter
     nn.Module.register_buffer = fake_register_buffer
     try:
-        yield
+        # initialisers that branch on values (torch's trunc_normal_
+        # rejection loop: ``while mask.any()``) get the fallback's answers;
+        # the values of a fake model's weights do not exist anyway
+        with DataDependentFallback() as fallback:
+            yield fallback
     finally:
         nn.Module.register_parameter = register_parameter
         nn.Module.register_buffer = register_buffer
@@ -166,13 +175,13 @@ class DataDependentFallback(TorchDispatchMode):
         except DataDependentOutputException:
             if func is torch.ops.aten._local_scalar_dense.default:
                 t = args[0]
-                self._record(func, 'item() = True/1')
+                self._record(func, 'item() = False/1')
                 if t.dtype == torch.bool:
-                    return True
+                    return False
                 return 1 if not t.dtype.is_floating_point else 1.0
             if func in (torch.ops.aten.is_nonzero.default, ):
-                self._record(func, 'True')
-                return True
+                self._record(func, 'False')
+                return False
             raise
         except DynamicOutputShapeException:
             aten = torch.ops.aten
