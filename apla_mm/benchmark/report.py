@@ -46,6 +46,9 @@ PRECISION_NAMES = dict(fp32='float32', bf16='bf16 autocast',
                        fp16='fp16 autocast')
 
 
+_TORCH_DTYPES = dict(bf16='torch.bfloat16', fp16='torch.float16')
+
+
 def _precision(meta: dict) -> str:
     names = meta.get('precisions') or [meta.get('precision', 'fp32')]
     return ' and '.join(PRECISION_NAMES.get(p, p) for p in names)
@@ -81,16 +84,20 @@ def markdown(results: dict, title: Optional[str] = None) -> str:
     lines.append(f"# {title or 'apla_mm benchmark'}")
     lines.append('')
     lines.append(f'**Settings**: {settings_line(meta)}.  ')
+    timed = any('train_time' in r for r in methods)
+    timing = (f"timing: {meta['steps']} training steps "
+              f"({meta.get('infer_steps', meta['steps'])} inference passes) "
+              f"after {meta['warmup']} warm-up, methods interleaved; "
+              if timed else '')
     lines.append(
-        f"Base config: `{meta['base_config']}`; timing: {meta['steps']} "
-        f"training steps ({meta.get('infer_steps', meta['steps'])} "
-        f"inference passes) after {meta['warmup']} warm-up, methods "
-        'interleaved; '
+        f"Base config: `{meta['base_config']}`; {timing}"
         f"ratios (x ref) relative to `{ref}`; {meta['date']}, "
         f"mmseg {meta['versions']['mmseg']}, mmdet "
         f"{meta['versions']['mmdet']}, timm {meta['versions']['timm']}.")
     lines.append('')
-    lines.append('## Parameters and training memory')
+    lines.append('## Parameters and training memory, '
+                 + PRECISION_NAMES.get(meta.get('precision', 'fp32'),
+                                       'float32'))
     lines.append('')
     lines.append(
         'Exact account of one training step in MB (2^20 bytes): weights + '
@@ -121,14 +128,19 @@ def markdown(results: dict, title: Optional[str] = None) -> str:
         lines.append('')
         lines.append(f'## Training memory, {PRECISION_NAMES[precision]}')
         lines.append('')
-        lines.append(
-            'The same account with the forward pass and the losses under '
-            f'`torch.autocast({meta["device"].split(":")[0]!r}, '
-            f'{PRECISION_NAMES[precision].split()[0]})`: weights, gradients '
-            'and AdamW state stay float32 (except frozen weights stored in '
-            'low precision, `+lp`), the saved activations are mostly half '
-            'size, plus the low-precision copies of the weights autocast '
-            'casts for the matrix products.')
+        if precision == 'fp32':
+            lines.append('The same account without autocast (float32 '
+                         'throughout).')
+        else:
+            lines.append(
+                'The same account with the forward pass and the losses '
+                f'under `torch.autocast({meta["device"].split(":")[0]!r}, '
+                f'{_TORCH_DTYPES[precision]})`: '
+                'weights, gradients and AdamW state stay float32 (except '
+                'frozen weights stored in low precision, `+lp`); '
+                'activations of the matrix products are half size, and '
+                'autocast saves the low-precision copies of the weights it '
+                'casts.')
         lines.append('')
         lines.extend(precision_table(results, precision))
     subs = [(r['label'], p, a['substitutions']) for r in methods
