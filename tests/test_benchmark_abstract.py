@@ -334,3 +334,24 @@ def test_apply_method_refuses_lp_without_amp():
     specs, _ = preset_methods('seg', 'tiny', methods=['full'])
     with pytest.raises(ValueError, match='--amp'):
         apply_method(specs[0].cfg, 'apla-r8+lp', 'seg')
+
+
+def test_benchmark_reports_precisions_and_the_abstract_check(tmp_path):
+    from apla_mm.benchmark import BenchmarkOptions, run_benchmark
+    from apla_mm.benchmark.report import markdown
+    results = run_benchmark(
+        BenchmarkOptions(task='seg', model='tiny',
+                         methods=['full', 'apla-r16-cp'], timing=False,
+                         peak=False, progress=False, threads=1,
+                         precisions=['fp32', 'bf16'], check_abstract=True))
+    for r in results['methods']:
+        assert set(r['accounts']) == {'fp32', 'bf16'}
+        for check in r['abstract_check'].values():
+            assert check['rel_diff'] == 0 and check['differing'] == []
+        assert r['ratios']['memory_bf16'] > 0
+    md = markdown(results)
+    assert '## Training memory, bf16 autocast' in md
+    assert '## Abstract account vs real account' in md
+    with pytest.raises(ValueError, match='--no-timing --no-peak'):
+        run_benchmark(BenchmarkOptions(task='seg', model='tiny',
+                                       abstract=True, progress=False))

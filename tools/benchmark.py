@@ -58,6 +58,9 @@ def parse_args(argv=None):
                    help='compute the accounts on fake tensors (no weights '
                    'allocated, no arithmetic; for models too big to run '
                    'here); needs --no-timing --no-peak')
+    p.add_argument('--check-abstract', action='store_true',
+                   help='also compute each account on fake tensors and '
+                   'report the difference (validates --abstract)')
     p.add_argument('--sdpa', default='auto',
                    choices=['auto', 'math', 'flash-cpu', 'flash',
                             'efficient', 'cudnn'],
@@ -134,6 +137,7 @@ def main(argv=None):
         precisions=[x.strip() for x in args.precision.split(',')
                     if x.strip()],
         abstract=args.abstract,
+        check_abstract=args.check_abstract,
         sdpa=args.sdpa)
     results = run_benchmark(opts)
     out = args.out or osp.join(

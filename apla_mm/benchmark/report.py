@@ -143,6 +143,23 @@ def markdown(results: dict, title: Optional[str] = None) -> str:
                 'casts.')
         lines.append('')
         lines.extend(precision_table(results, precision))
+    if any('abstract_check' in r for r in methods):
+        lines.append('')
+        lines.append('## Abstract account vs real account')
+        lines.append('')
+        lines.append('The same account on fake tensors (no arithmetic, no '
+                     'weights allocated): total and relative difference.')
+        lines.append('')
+        lines.append('| Method | Precision | Real (MB) | Abstract (MB) | '
+                     'Difference | Components that differ |')
+        lines.append('|' + '---|' * 6)
+        for r in methods:
+            for p, c in r.get('abstract_check', {}).items():
+                lines.append(
+                    f"| {r['label']} | {PRECISION_NAMES[p]} | "
+                    f"{_mb(r['accounts'][p]['total'])} | {_mb(c['total'])} "
+                    f"| {c['rel_diff']:+.2e} | "
+                    f"{', '.join(c['differing']) or 'none'} |")
     subs = [(r['label'], p, a['substitutions']) for r in methods
             for p, a in r.get('accounts', {}).items()
             if a.get('substitutions')]

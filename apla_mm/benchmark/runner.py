@@ -49,6 +49,9 @@ class BenchmarkOptions:
             (:mod:`~apla_mm.benchmark.abstract`): no weights allocated, no
             arithmetic; no timing and no peak then.
         sdpa: Attention kernel (:mod:`~apla_mm.benchmark.sdpa`).
+        check_abstract: Also compute every account on fake tensors and
+            report its difference to the real one (validation of the
+            abstract account).
     """
     task: Optional[str] = 'seg'
     model: str = 'tiny'
@@ -71,6 +74,7 @@ class BenchmarkOptions:
     precisions: Sequence[str] = ('fp32', )
     abstract: bool = False
     sdpa: str = 'auto'
+    check_abstract: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -208,6 +212,7 @@ def _run(opts: BenchmarkOptions) -> dict:
         precision=precisions[0],
         precisions=precisions,
         abstract=opts.abstract,
+        check_abstract=opts.check_abstract,
         sdpa=opts.sdpa,
         date=datetime.datetime.now().isoformat(timespec='seconds'),
         versions=_versions(),
@@ -215,10 +220,27 @@ def _run(opts: BenchmarkOptions) -> dict:
     results = {s.name: dict(name=s.name, label=s.label, source=s.source)
                for s in specs}
 
-    def build(spec, precision):
+    if opts.check_abstract and (opts.abstract or dev.type != 'cpu'):
+        raise ValueError('--check-abstract compares a real CPU account with '
+                         'the abstract one; drop --abstract / use --device '
+                         'cpu.')
+
+    def build(spec, precision, abstract=opts.abstract):
         return Trainee(spec, batch, size, opts.device, seed=opts.seed,
-                       amp=_amp(precision), abstract=opts.abstract,
+                       amp=_amp(precision), abstract=abstract,
                        sdpa=opts.sdpa)
+
+    def check(spec, precision, real):
+        if not opts.check_abstract:
+            return
+        fake = account_step(build(spec, precision, abstract=True),
+                            top=opts.top)
+        keys = ('weights', 'grads', 'optimizer', 'saved', 'recompute',
+                'total')
+        results[spec.name].setdefault('abstract_check', {})[precision] = \
+            dict(total=fake['total'],
+                 rel_diff=(fake['total'] - real['total']) / real['total'],
+                 differing=[k for k in keys if fake[k] != real[k]])
 
     trainees = {}
     try:
@@ -231,6 +253,7 @@ def _run(opts: BenchmarkOptions) -> dict:
             results[spec.name]['memory'] = account_step(t, top=opts.top)
             results[spec.name]['accounts'] = {
                 precisions[0]: results[spec.name]['memory']}
+            check(spec, precisions[0], results[spec.name]['memory'])
             progress(f'account {spec.name}')
         for precision in precisions[1:]:
             for spec in spec_sets[precision]:
@@ -238,6 +261,8 @@ def _run(opts: BenchmarkOptions) -> dict:
                 results[spec.name]['accounts'][precision] = account_step(
                     other, top=opts.top)
                 del other
+                check(spec, precision,
+                      results[spec.name]['accounts'][precision])
                 gc.collect()
                 progress(f'account {spec.name} {precision}')
         if opts.timing:
