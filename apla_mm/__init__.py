@@ -10,6 +10,6 @@ from .version import __version__
 
 register_checkpoint_safe_globals()
 
-from . import datasets, engine, models, peft  # noqa: E402,F401
+from . import datasets, engine, memory, models, peft  # noqa: E402,F401
 
-__all__ = ['__version__', 'datasets', 'engine', 'models', 'peft']
+__all__ = ['__version__', 'datasets', 'engine', 'memory', 'models', 'peft']

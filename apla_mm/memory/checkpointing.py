@@ -1,0 +1,209 @@
+"""Activation checkpointing of the neck and the heads, in small regions.
+
+At 512² the UperNet decode head and the neck keep more for backward than
+an adapted ViT backbone: every ``ConvModule`` saves its input, its conv
+output (for the norm) and its activation output, at up to 128² x 2048
+channels. Checkpointing a whole head would recompute all of it at once in
+backward and bring the memory back; here each region is small and keeps
+only its input:
+
+* every mmcv ``ConvModule`` of the neck and the heads (conv + norm +
+  activation) is one region;
+* mmseg's ``MultiLevelNeck``: lateral conv, resize and output conv of one
+  level are one region, so the upsampled map (x4 per side at the first
+  level) is never kept;
+* mmseg's ``UPerHead``: the fusion (resize of the FPN levels to the finest
+  one, concatenation, ``fpn_bottleneck``, dropout and ``conv_seg``) is one
+  region that keeps the FPN outputs at their own resolutions; the
+  concatenated map (4 x channels at 1/4 of the input) is not kept.
+
+Regions use the non-reentrant :func:`torch.utils.checkpoint.checkpoint`
+(trainable tensors inside frozen parts still get gradients; the RNG state
+is restored for the recomputation, so dropout draws the same masks).
+Batch-norm layers update their running statistics once per step as without
+checkpointing: the recomputation restores them afterwards. Forward outputs,
+losses and gradients are those of the unmodified modules
+(``tests/test_memory_checkpointing.py``).
+
+Upstream: ``mmseg/models/necks/multilevel_neck.py``,
+``mmseg/models/decode_heads/uper_head.py`` (whose forward the two region
+forwards follow step by step), ``mmcv/cnn/bricks/conv_module.py``.
+"""
+import types
+from typing import Callable, List, Sequence
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ['enable_head_checkpointing', 'disable_head_checkpointing',
+           'HEAD_MODULES']
+
+#: Top-level parts of a segmentor/detector that are "neck and heads".
+HEAD_MODULES = ('neck', 'decode_head', 'auxiliary_head', 'rpn_head',
+                'roi_head', 'bbox_head', 'mask_head')
+
+
+def _region(fn: Callable, modules: Sequence[nn.Module]) -> Callable:
+    """``fn`` for one checkpointed call: its recomputation leaves the
+    running statistics of the batch norms in ``modules`` as the first run
+    set them."""
+    norms = [m for mod in modules for m in mod.modules()
+             if isinstance(m, _BatchNorm) and m.track_running_stats
+             and m.training]
+    calls = [0]
+
+    def run(*args):
+        calls[0] += 1
+        if calls[0] == 1 or not norms:
+            return fn(*args)
+        stats = [(m, m.running_mean.clone(), m.running_var.clone(),
+                  m.num_batches_tracked.clone()) for m in norms]
+        try:
+            return fn(*args)
+        finally:
+            with torch.no_grad():
+                for m, mean, var, count in stats:
+                    m.running_mean.copy_(mean)
+                    m.running_var.copy_(var)
+                    m.num_batches_tracked.copy_(count)
+
+    return run
+
+
+def _active(module: nn.Module) -> bool:
+    return module.training and torch.is_grad_enabled()
+
+
+def run_region(fn: Callable, modules: Sequence[nn.Module], *args):
+    """Run ``fn(*args)`` as one checkpointed region (plainly outside
+    training or without grad)."""
+    if not _active(modules[0]):
+        return fn(*args)
+    return checkpoint(_region(fn, modules), *args, use_reentrant=False)
+
+
+def _plain(module: nn.Module) -> Callable:
+    """The module's class forward, bypassing a region forward."""
+    return type(module).forward.__get__(module)
+
+
+# -- ConvModule ---------------------------------------------------------
+def _conv_module_forward(self, x, activate: bool = True, norm: bool = True):
+    plain = _plain(self)
+    return run_region(lambda t: plain(t, activate, norm), [self], x)
+
+
+# -- MultiLevelNeck -----------------------------------------------------
+def _multilevel_neck_forward(self, inputs):
+    from mmseg.models.utils import resize
+    assert len(inputs) == len(self.in_channels)
+
+    def level(lateral, conv, scale):
+        def fn(x):
+            if lateral is not None:
+                x = _plain(lateral)(x)
+            return _plain(conv)(resize(x, scale_factor=scale,
+                                       mode='bilinear'))
+        return fn
+
+    if len(inputs) == 1:
+        x = self.lateral_convs[0](inputs[0])
+        return tuple(
+            run_region(level(None, self.convs[i], self.scales[i]),
+                       [self.convs[i]], x) for i in range(self.num_outs))
+    return tuple(
+        run_region(
+            level(self.lateral_convs[i], self.convs[i], self.scales[i],
+                  ), [self.lateral_convs[i], self.convs[i]], inputs[i])
+        for i in range(self.num_outs))
+
+
+# -- UPerHead -----------------------------------------------------------
+def _uper_head_forward(self, inputs):
+    from mmseg.models.utils import resize
+    inputs = self._transform_inputs(inputs)
+    laterals = [
+        lateral_conv(inputs[i])
+        for i, lateral_conv in enumerate(self.lateral_convs)
+    ]
+    laterals.append(self.psp_forward(inputs))
+    levels = len(laterals)
+    for i in range(levels - 1, 0, -1):
+        laterals[i - 1] = laterals[i - 1] + resize(
+            laterals[i],
+            size=laterals[i - 1].shape[2:],
+            mode='bilinear',
+            align_corners=self.align_corners)
+    fpn_outs = [self.fpn_convs[i](laterals[i]) for i in range(levels - 1)]
+    fpn_outs.append(laterals[-1])
+
+    def fuse(*outs):
+        outs = [outs[0]] + [
+            resize(o, size=outs[0].shape[2:], mode='bilinear',
+                   align_corners=self.align_corners) for o in outs[1:]
+        ]
+        feats = _plain(self.fpn_bottleneck)(torch.cat(outs, dim=1))
+        return self.cls_seg(feats)
+
+    return run_region(fuse, [self.fpn_bottleneck, self.conv_seg],
+                      *fpn_outs)
+
+
+def _set_forward(module: nn.Module, fn) -> None:
+    module.forward = types.MethodType(fn, module)
+    module.__dict__['_apla_mm_region'] = True
+
+
+def enable_head_checkpointing(model: nn.Module,
+                              parts: Sequence[str] = HEAD_MODULES
+                              ) -> List[str]:
+    """Checkpoint the neck and heads of ``model`` in small regions.
+
+    Args:
+        model (nn.Module): Segmentor/detector.
+        parts (Sequence[str]): Top-level children treated as neck/heads
+            (those present are used).
+
+    Returns:
+        list[str]: Names of the modules given a region forward.
+
+    Raises:
+        ValueError: No region found (no ConvModule in the neck/heads).
+    """
+    from mmcv.cnn import ConvModule
+    from mmseg.models.decode_heads import UPerHead
+    from mmseg.models.necks import MultiLevelNeck
+    present = [n for n, _ in model.named_children() if n in parts]
+    done = []
+    for part in present:
+        root = model.get_submodule(part)
+        for name, m in root.named_modules(prefix=part):
+            if '_apla_mm_region' in m.__dict__:
+                continue
+            if type(m) is UPerHead:
+                _set_forward(m, _uper_head_forward)
+            elif type(m) is MultiLevelNeck:
+                _set_forward(m, _multilevel_neck_forward)
+            elif isinstance(m, ConvModule) \
+                    and 'forward' not in m.__dict__:
+                _set_forward(m, _conv_module_forward)
+            else:
+                continue
+            done.append(name)
+    if not done:
+        raise ValueError(
+            f'checkpoint_heads: found nothing to checkpoint in the neck/heads'
+            f' {present or list(parts)} of {type(model).__name__} (regions '
+            'are mmcv ConvModules, MultiLevelNeck levels and UPerHead\'s '
+            'fusion); set checkpoint_heads=False for this model.')
+    return done
+
+
+def disable_head_checkpointing(model: nn.Module, names: Sequence[str]) -> None:
+    """Undo :func:`enable_head_checkpointing`."""
+    for name in names:
+        m = model.get_submodule(name)
+        m.__dict__.pop('forward', None)
+        m.__dict__.pop('_apla_mm_region', None)
