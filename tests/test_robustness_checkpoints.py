@@ -22,7 +22,8 @@ from apla_mm.utils.load_guard import IncompletePretrainedLoadError
 TOYBASE = ('apla/apla-r16-toybase_upernet_vit-tiny_mln_1xb8-600it_'
            'toyseg-64x64.py')
 FT = 'finetune/upernet_vit-tiny_mln_1xb8-600it_toyseg-64x64.py'
-TIMM_APLA = 'apla/apla-r16_upernet_timm-vit-tiny_mln_1xb8-600it_toyseg-64x64.py'
+TIMM_APLA = ('apla/apla-r16_upernet_timm-vit-tiny_mln_1xb8-600it_'
+             'toyseg-64x64.py')
 LORA_TOY = 'lora/lora-r8_upernet_vit-tiny_mln_1xb8-600it_toyseg-64x64.py'
 
 
@@ -73,8 +74,8 @@ def test_damaged_checkpoints_are_named_errors(tmp_path):
 
     flipped = tmp_path / 'flipped.pth'
     middle = len(data) // 2
-    damaged = data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 64]) \
-        + data[middle + 64:]
+    flip = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    damaged = data[:middle] + flip + data[middle + 64:]
     flipped.write_bytes(bytes(damaged))
     # torch itself reads it without complaint: the reason for the check.
     assert not torch.equal(torch.load(str(flipped))['state_dict']['w'],

@@ -90,8 +90,8 @@ def _assert_recoverable(work):
     verify_checkpoint_file(pointer)
 
 
-def test_kills_during_saves_keep_a_resumable_run_then_test_it(toy_seg_root, toy_backbone,
-                                                 tmp_path):
+def test_kills_during_saves_keep_a_resumable_run_then_test_it(
+        toy_seg_root, toy_backbone, tmp_path):
     work = str(tmp_path / 'work')
     args = _train_args(work, toy_seg_root, toy_backbone)
     kills, min_step = [], 2

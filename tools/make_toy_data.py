@@ -2,7 +2,7 @@
 """Generate the toy datasets and a toy "pretrained" backbone (deterministic;
 a few seconds).
 
-    python tools/make_toy_data.py                 # data/toy_seg, data/toy_coco, data/toy_pretrained
+    python tools/make_toy_data.py    # data/toy_seg, toy_coco, toy_pretrained
     python tools/make_toy_data.py --out /tmp/toy --kinds seg
 
 ``data/toy_pretrained/vit-tiny_p8_64.pth`` holds the weights of the tiny mmseg

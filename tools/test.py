@@ -10,9 +10,9 @@ The command line is that of mmseg's/mmdet's ``tools/test.py``::
 mmseg configs (``preds/*.png``, one class value per pixel, plus coloured
 copies in the dataset's palette in ``preds/color/``), a ``.pkl`` file of
 detections for mmdet configs. ``--show-dir`` writes images with the
-predictions drawn (``vis/vis_data/vis_image/`` for mmseg configs, ``vis/`` for mmdet
-configs). Relative paths are taken from the current directory; the tool
-prints where it wrote. The checkpoint is verified first (zip checksums, a
+predictions drawn (``vis/vis_data/vis_image/`` for mmseg configs, ``vis/``
+for mmdet configs). Relative paths are taken from the current directory; the
+tool prints where it wrote. The checkpoint is verified first (zip checksums, a
 state dict that fits the model; see :mod:`apla_mm.utils.checkpoint_io`).
 """
 import argparse

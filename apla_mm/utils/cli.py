@@ -201,7 +201,8 @@ def _is_local(path: str) -> bool:
 
 
 def _finished(cfg: Config, meta: dict) -> Optional[Tuple[str, str]]:
-    """``(where, option)`` if a checkpoint with ``meta`` is at the end of training."""
+    """``(where, option)`` if a checkpoint with ``meta`` ends the
+    schedule."""
     train_cfg = cfg.get('train_cfg') or {}
     if 'max_iters' in train_cfg and train_cfg.get('type', '') != \
             'EpochBasedTrainLoop' and meta.get('iter') is not None:
