@@ -261,10 +261,10 @@ def prepare_resume(cfg: Config, resume: Optional[str]) -> Optional[str]:
         path = resume
     cfg.resume = True
     cfg.load_from = path
-    print_log(f'--resume: continuing from {path} (verified)',
-              logger='current')
     finished = _finished(cfg, checkpoint_meta(path))
     if finished is None:
+        print_log(f'--resume: continuing from {path} (verified)',
+                  logger='current')
         return None
     where, key = finished
     return (f'--resume: {path} is already at the end of training ({where}); '
