@@ -355,3 +355,35 @@ def test_benchmark_reports_precisions_and_the_abstract_check(tmp_path):
     with pytest.raises(ValueError, match='--no-timing --no-peak'):
         run_benchmark(BenchmarkOptions(task='seg', model='tiny',
                                        abstract=True, progress=False))
+
+
+# ----------------------------------------------------------------------
+# the memory options (apla_mm.memory) in the benchmark
+@pytest.mark.parametrize('model,name', [
+    ('tiny', 'full+all'), ('tiny', 'apla-r16+lean'),
+    ('tiny', 'apla-r16+heads'), ('tiny', 'apla-r16+all'),
+    ('tiny', 'lora-r8+all'), ('tiny-mmseg', 'apla-r16+sdpa')])
+def test_memory_options_abstract_equals_real(model, name):
+    real, fake = _accounts('seg', model, name)
+    assert {k: fake[k] for k in KEYS} == {k: real[k] for k in KEYS}
+
+
+def test_memory_options_save_what_they_should():
+    stock, _ = _accounts('seg', 'tiny', 'apla-r16')
+    lean, _ = _accounts('seg', 'tiny', 'apla-r16+lean')
+    heads, _ = _accounts('seg', 'tiny', 'apla-r16+heads')
+    every, _ = _accounts('seg', 'tiny', 'apla-r16+all')
+    for a in (lean, heads, every):
+        assert a['weights'] == stock['weights']
+        assert a['grads'] == stock['grads']
+    # the decode head's and the auxiliary head's saved bytes shrink
+    part = {g['where']: g['bytes'] for g in stock['saved_by_part']}
+    lean_part = {g['where']: g['bytes'] for g in lean['saved_by_part']}
+    assert lean_part['decode_head'] < part['decode_head']
+    assert lean_part['auxiliary_head'] < part['auxiliary_head']
+    assert lean_part['backbone'] == part['backbone']
+    assert heads['checkpointed_regions'] > 0
+    assert every['total'] < min(lean['total'], heads['total'])
+    mmseg, _ = _accounts('seg', 'tiny-mmseg', 'apla-r16')
+    fused, _ = _accounts('seg', 'tiny-mmseg', 'apla-r16+sdpa')
+    assert fused['saved'] < mmseg['saved']

@@ -605,6 +605,11 @@ class Trainee:
         self.amp = amp
         self.abstract = abstract
         self.sdpa = check_backend(sdpa, device, abstract)
+        if abstract and spec.task == 'det':
+            raise ValueError(
+                'the abstract account covers seg and backbone models: a '
+                "detector's batch padding and proposal sampling depend on "
+                'the data. Run the real account (drop --abstract).')
         if abstract and self.device.type != 'cpu':
             raise ValueError(
                 'the abstract account runs on fake CPU tensors; use '

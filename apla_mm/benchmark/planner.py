@@ -218,7 +218,16 @@ class Planner:
 
     def static(self, name: str) -> dict:
         """Weights and 3 x trainable bytes of method ``name`` (no
-        forward pass): what the account holds besides activations."""
+        forward pass): what the account holds besides activations. Only
+        the method, its rank and ``+lp`` change them (checkpointing, the
+        lean loss and fused attention change forward passes only), so one
+        build serves every such option set."""
+        info = parse_method(name)
+        from .methods import resolve_options
+        backbone = (self.base.model if self.task == 'backbone' else
+                    self.base.model.backbone).get('type', '')
+        lp = 'lp' in resolve_options(info, self.amp, backbone)
+        name = name.split('+')[0].replace('-cp', '') + ('+lp' if lp else '')
         key = f'static|{name}'
         if key not in self.cache:
             t = self._trainee(name, 2)
