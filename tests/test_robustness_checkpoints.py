@@ -4,6 +4,7 @@ import copy
 import importlib.util
 import os
 import os.path as osp
+import sys
 
 import pytest
 import torch
@@ -99,6 +100,27 @@ def test_damaged_checkpoints_are_named_errors(tmp_path):
     assert 'weights_only=False' not in str(info.value)
     with pytest.raises(FileNotFoundError, match='absent.pth'):
         verify_checkpoint_file(str(tmp_path / 'absent.pth'))
+
+
+def test_test_tool_refuses_a_damaged_checkpoint(apla_run, monkeypatch,
+                                                tmp_path):
+    """tools/test.py checks before anything is built (torch alone would
+    evaluate the damaged file)."""
+    ckpt_path, _ = apla_run
+    data = bytearray(open(ckpt_path, 'rb').read())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF
+                                     for b in data[middle:middle + 64])
+    damaged = tmp_path / 'iter_600.pth'
+    damaged.write_bytes(bytes(data))
+    monkeypatch.setattr(sys, 'argv', [
+        'tools/test.py', osp.join(REPO_ROOT, 'configs', TOYBASE),
+        str(damaged), '--work-dir', str(tmp_path / 'test')
+    ])
+    with pytest.raises(CheckpointError, match='CRC-32') as info:
+        _tool('test').main()
+    assert str(damaged) in str(info.value)
+    assert not (tmp_path / 'test').exists()
 
 
 def test_refused_pickle_does_not_advise_disabling_the_check(tmp_path):

@@ -1,7 +1,6 @@
 """What a killed run keeps (issue 13): SIGKILLs of tools/train.py during
 checkpoint saves with max_keep_ckpts=1, resumes to the end, frozen entries
-bit-identical to the pretrained file; then tools/test.py on a damaged copy of
-the final checkpoint."""
+bit-identical to the pretrained file."""
 import glob
 import os
 import os.path as osp
@@ -90,7 +89,7 @@ def _assert_recoverable(work):
     verify_checkpoint_file(pointer)
 
 
-def test_kills_during_saves_keep_a_resumable_run_then_test_it(
+def test_kills_during_saves_keep_a_resumable_run(
         toy_seg_root, toy_backbone, tmp_path):
     work = str(tmp_path / 'work')
     args = _train_args(work, toy_seg_root, toy_backbone)
@@ -142,21 +141,3 @@ def test_kills_during_saves_keep_a_resumable_run_then_test_it(
         else:
             assert torch.equal(trained, value), key
     assert moved > 0
-
-    # tools/test.py refuses a damaged copy (torch alone would evaluate it).
-    ckpt = osp.join(work, f'iter_{MAX_ITERS}.pth')
-    data = bytearray(open(ckpt, 'rb').read())
-    middle = len(data) // 2
-    data[middle:middle + 64] = bytes(b ^ 0xFF
-                                     for b in data[middle:middle + 64])
-    damaged = str(tmp_path / 'damaged.pth')
-    with open(damaged, 'wb') as f:
-        f.write(bytes(data))
-    test = ['tools/test.py', TOYBASE]
-    options = ['--cfg-options',
-               f'test_dataloader.dataset.data_root={toy_seg_root}',
-               f'model.backbone.init_cfg.checkpoint={toy_backbone}']
-    with pytest.raises(AssertionError, match='CRC-32') as info:
-        run_tool(test + [damaged, '--work-dir', str(tmp_path / 't0')]
-                 + options)
-    assert 'damaged.pth' in str(info.value)
