@@ -387,3 +387,15 @@ def test_memory_options_save_what_they_should():
     mmseg, _ = _accounts('seg', 'tiny-mmseg', 'apla-r16')
     fused, _ = _accounts('seg', 'tiny-mmseg', 'apla-r16+sdpa')
     assert fused['saved'] < mmseg['saved']
+
+
+def test_timed_run_with_abstract_accounts():
+    from apla_mm.benchmark import BenchmarkOptions, run_benchmark
+    common = dict(task='seg', model='tiny', methods=['full', 'apla-r16'],
+                  steps=1, warmup=0, peak=False, progress=False, threads=1)
+    real = run_benchmark(BenchmarkOptions(**common, timing=False))
+    timed = run_benchmark(BenchmarkOptions(**common, abstract_accounts=True))
+    for r, t in zip(real['methods'], timed['methods']):
+        assert t['memory']['abstract'] and not r['memory']['abstract']
+        assert t['memory']['total'] == r['memory']['total']
+        assert t['train_time']['n'] == 1 and t['params'] == r['params']

@@ -58,6 +58,10 @@ def parse_args(argv=None):
                    help='compute the accounts on fake tensors (no weights '
                    'allocated, no arithmetic; for models too big to run '
                    'here); needs --no-timing --no-peak')
+    p.add_argument('--abstract-accounts', action='store_true',
+                   help='time the real models, but take the memory '
+                   'accounts from fake tensors (seconds instead of a real '
+                   'step per method)')
     p.add_argument('--check-abstract', action='store_true',
                    help='also compute each account on fake tensors and '
                    'report the difference (validates --abstract)')
@@ -138,6 +142,7 @@ def main(argv=None):
                     if x.strip()],
         abstract=args.abstract,
         check_abstract=args.check_abstract,
+        abstract_accounts=args.abstract_accounts,
         sdpa=args.sdpa)
     results = run_benchmark(opts)
     out = args.out or osp.join(

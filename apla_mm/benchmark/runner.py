@@ -52,6 +52,9 @@ class BenchmarkOptions:
         check_abstract: Also compute every account on fake tensors and
             report its difference to the real one (validation of the
             abstract account).
+        abstract_accounts: Time (and measure peaks of) the real models,
+            but take the memory accounts from the abstract ones (equal, and
+            seconds instead of a real training step per method).
     """
     task: Optional[str] = 'seg'
     model: str = 'tiny'
@@ -75,6 +78,7 @@ class BenchmarkOptions:
     abstract: bool = False
     sdpa: str = 'auto'
     check_abstract: bool = False
+    abstract_accounts: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -213,6 +217,7 @@ def _run(opts: BenchmarkOptions) -> dict:
         precisions=precisions,
         abstract=opts.abstract,
         check_abstract=opts.check_abstract,
+        abstract_accounts=opts.abstract_accounts,
         sdpa=opts.sdpa,
         date=datetime.datetime.now().isoformat(timespec='seconds'),
         versions=_versions(),
@@ -250,14 +255,20 @@ def _run(opts: BenchmarkOptions) -> dict:
         for spec in specs:
             t = trainees[spec.name]
             results[spec.name]['params'] = t.parameter_report()
-            results[spec.name]['memory'] = account_step(t, top=opts.top)
+            counted = (build(spec, precisions[0], abstract=True)
+                       if opts.abstract_accounts else t)
+            results[spec.name]['memory'] = account_step(counted,
+                                                        top=opts.top)
+            del counted
             results[spec.name]['accounts'] = {
                 precisions[0]: results[spec.name]['memory']}
             check(spec, precisions[0], results[spec.name]['memory'])
             progress(f'account {spec.name}')
         for precision in precisions[1:]:
             for spec in spec_sets[precision]:
-                other = build(spec, precision)
+                other = build(spec, precision,
+                              abstract=opts.abstract or
+                              opts.abstract_accounts)
                 results[spec.name]['accounts'][precision] = account_step(
                     other, top=opts.top)
                 del other
