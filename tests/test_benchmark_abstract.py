@@ -152,14 +152,20 @@ def test_sdpa_backends_change_what_attention_saves():
     attention = depth * batch * heads * tokens * tokens * 4
     assert 0.9 * attention < math_real['saved'] - flash_real['saved'] < \
         attention
+    # with checkpointing the recomputation runs the same kernel
+    cp_real, cp_fake = _accounts('backbone', 'tiny', 'full-cp', sdpa='math')
+    assert {k: cp_fake[k] for k in KEYS} == {k: cp_real[k] for k in KEYS}
+    assert cp_real['recompute'] > flash_real['recompute']
     # CUDA kernels: counted by their meta functions
     specs, _ = preset_methods('backbone', 'tiny', methods=['full'])
     with pytest.raises(ValueError, match='abstract'):
         Trainee(specs[0], 2, 64, sdpa='flash')
+    cp_specs, _ = preset_methods('backbone', 'tiny', methods=['full-cp'])
     for backend in ('flash', 'efficient'):
-        t = Trainee(specs[0], 2, 64, amp='bf16', abstract=True,
-                    sdpa=backend)
-        assert account_step(t)['saved'] > 0
+        for spec in (specs[0], cp_specs[0]):
+            t = Trainee(spec, 2, 64, amp='bf16', abstract=True,
+                        sdpa=backend)
+            assert account_step(t)['saved'] > 0
     assert check_backend('auto', 'cpu', False) == 'auto'
     with pytest.raises(ValueError, match='unknown'):
         SDPABackend('xformers')

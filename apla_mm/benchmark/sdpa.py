@@ -38,7 +38,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 __all__ = ['SDPA_BACKENDS', 'SDPABackend', 'check_backend']
 
@@ -73,8 +72,16 @@ def _scale(q: torch.Tensor, scale: Optional[float]) -> float:
     return scale if scale is not None else q.shape[-1]**-0.5
 
 
-class SDPABackend(TorchFunctionMode):
+class SDPABackend:
     """Route every ``F.scaled_dot_product_attention`` call to one kernel.
+
+    A context manager that replaces ``torch.nn.functional.
+    scaled_dot_product_attention`` while it is active (attention modules
+    look it up at call time: timm's ``Attention``, mmseg's ViT with
+    ``fused_attention``). A ``TorchFunctionMode`` would not do: the
+    recomputation of an activation-checkpointed region runs inside the
+    autograd engine, where the mode is not active, and would pick another
+    kernel than the forward pass did.
 
     Args:
         backend (str): One of :data:`SDPA_BACKENDS`; ``'auto'`` changes
@@ -82,20 +89,28 @@ class SDPABackend(TorchFunctionMode):
     """
 
     def __init__(self, backend: str = 'auto') -> None:
-        super().__init__()
         if backend not in SDPA_BACKENDS:
             raise ValueError(f'unknown SDPA backend {backend!r}; choose one '
                              f'of {SDPA_BACKENDS}.')
         self.backend = backend
         self.calls = 0
+        self._original = None
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention \
-                or self.backend == 'auto':
-            return func(*args, **kwargs)
-        self.calls += 1
-        return self._run(*args, **kwargs)
+    def __enter__(self) -> 'SDPABackend':
+        if self.backend != 'auto':
+            self._original = F.scaled_dot_product_attention
+
+            def routed(*args, **kwargs):
+                self.calls += 1
+                return self._run(*args, **kwargs)
+
+            F.scaled_dot_product_attention = routed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._original is not None:
+            F.scaled_dot_product_attention = self._original
+            self._original = None
 
     def _run(self, query, key, value, attn_mask=None, dropout_p=0.0,
              is_causal=False, scale=None, enable_gqa=False):
