@@ -217,7 +217,8 @@ def _lean_ce_loss_by_feat(head, seg_logits, batch_data_samples,
         value = loss_decode.loss_weight * (total / (count + _EPS))
         name = loss_decode.loss_name
         losses[name] = losses[name] + value if name in losses else value
-    losses['acc_seg'] = (correct + _EPS) * (100.0 / (valid + _EPS))
+    # mmseg's accuracy: a 1-element tensor
+    losses['acc_seg'] = ((correct + _EPS) * (100.0 / (valid + _EPS))).reshape(1)
     return losses
 
 
