@@ -112,10 +112,11 @@ class FrozenLowPrecision:
         self.active = False
         self.cast_()
         for module in {id(m): m for _, m, _ in self.entries}.values():
-            self._hooks.append(
-                module.register_state_dict_post_hook(self._state_dict_hook))
-            self._hooks.append(
-                module.register_load_state_dict_pre_hook(self._load_hook))
+            # plain functions: torch tags public-API hooks with an attribute
+            self._hooks.append(module.register_state_dict_post_hook(
+                lambda *args: self._state_dict_hook(*args)))
+            self._hooks.append(module.register_load_state_dict_pre_hook(
+                lambda *args: self._load_hook(*args)))
 
     # ------------------------------------------------------------------
     def num_bytes_saved(self) -> int:
