@@ -295,7 +295,10 @@ def plan(opts: PlanOptions) -> dict:
                 planner.base.model.backbone).get('type', '')
     seen = set()
     ladder = [tuple(o) for o in opts.ladder]
-    full_ladder = [o for o in ((), ('all', )) if o in ladder or not o]
+    # full fine-tuning: stock, and with the leanest ladder step (no +lp:
+    # it has no frozen weights)
+    leanest = tuple(o for o in ladder[-1] if o != 'lp') if ladder else ()
+    full_ladder = [()] + ([leanest] if leanest else [])
     for kind, ladder in (('apla', ladder), ('full', full_ladder)):
         for options in ladder:
             resolved = tuple(resolve_options(
@@ -314,8 +317,7 @@ def plan(opts: PlanOptions) -> dict:
         if cands:
             best = max(cands, key=lambda r: r['rank'])
             break
-    full = {tuple(r['options']): r for r in rows if r['kind'] == 'full'}
-    full.setdefault(('all', ), full[()])
+    full_rows = [r for r in rows if r['kind'] == 'full']
     subs = sorted({
         f"{s['op']} in {s['where']}"
         for k, v in planner.cache.items() if k.startswith('account|')
@@ -325,7 +327,7 @@ def plan(opts: PlanOptions) -> dict:
         source=planner.desc, task=planner.task, size=planner.size,
         precision=opts.precision, sdpa=opts.sdpa, batch=opts.batch,
         memory=opts.memory, reserve=opts.reserve, budget=budget,
-        rows=rows, best=best, full=full[()], full_all=full[('all', )],
+        rows=rows, best=best, full=full_rows[0], full_all=full_rows[-1],
         substitutions=subs, accounts_computed=planner.computed,
         seconds=time.time() - start, cache=planner._cache_file)
 
@@ -366,8 +368,11 @@ def format_plan(result: dict) -> str:
         lines.append(f'No APLA setting fits at batch {b}; try a smaller '
                      'batch, bf16 autocast (--precision bf16) or a larger '
                      'budget.')
-    for row, what in ((full, 'Stock full fine-tuning'),
-                      (full_all, 'Full fine-tuning with every option')):
+    pairs = [(full, 'Stock full fine-tuning')]
+    if full_all['method'] != full['method']:
+        pairs.append((full_all, f"{full_all['label']} "
+                      f"(`{full_all['method']}`)"))
+    for row, what in pairs:
         lines.append(
             f"{what} needs {_gib(row['total'])} GiB at batch {b} "
             + (f"(fits; up to batch {row['max_batch']})." if row['fits']
