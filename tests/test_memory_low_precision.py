@@ -154,3 +154,31 @@ def test_hook_requires_amp_of_the_same_dtype():
         assert hook.handle.frozen_cast
         hook.after_train(runner)
         assert not hook.handle.frozen_cast
+
+
+def test_toy_run_with_every_option(toy_seg_root, tmp_path):
+    """APLAHook + MemoryEfficientHook (all options, bf16 AMP) through the
+    Runner: the frozen entries of the saved checkpoint are the initial fp32
+    weights, and the model has fp32 weights again after training."""
+    from apla_mm.engine.hooks import MemoryEfficientHook
+    from apla_mm.testing import ParamSnapshotHook, build_runner, short_run_cfg
+    if torch.cuda.is_available():
+        pytest.skip('CPU bf16 autocast run')
+    cfg = short_run_cfg(
+        'apla/apla-r16-lean_upernet_vit-tiny_mln_1xb8-600it_toyseg-64x64.py',
+        str(tmp_path), toy_seg_root, max_iters=2, batch_size=2,
+        checkpoint_interval=2)
+    snapshot = ParamSnapshotHook()
+    runner = build_runner(cfg, snapshot)
+    runner.train()
+    hook = next(h for h in runner.hooks
+                if isinstance(h, MemoryEfficientHook))
+    assert hook.handle.low_precision is not None
+    assert not hook.handle.frozen_cast  # restored after training
+    assert all(p.dtype == torch.float32 for p in runner.model.parameters())
+    state = torch.load(str(tmp_path / 'iter_2.pth'), map_location='cpu',
+                       weights_only=False)['state_dict']
+    for key, before in snapshot.before.items():
+        if key.startswith('backbone.') and 'out_proj' not in key:
+            assert state[key].dtype == torch.float32, key
+            assert torch.equal(state[key], before), key
