@@ -406,3 +406,14 @@ def test_timed_run_with_abstract_accounts():
         assert t['memory']['abstract'] and not r['memory']['abstract']
         assert t['memory']['total'] == r['memory']['total']
         assert t['train_time']['n'] == 1 and t['params'] == r['params']
+
+
+def test_low_precision_frozen_weights_abstract_equals_real():
+    plain, _ = _accounts('seg', 'tiny', 'apla-r16', amp='bf16')
+    real, fake = _accounts('seg', 'tiny', 'apla-r16+lp', amp='bf16')
+    assert {k: fake[k] for k in KEYS} == {k: real[k] for k in KEYS}
+    # frozen ViT weights stored in bf16: fewer weight bytes, same grads
+    assert real['weights'] < plain['weights']
+    assert real['grads'] == plain['grads']
+    real, fake = _accounts('seg', 'tiny', 'apla-r16+all', amp='bf16')
+    assert {k: fake[k] for k in KEYS} == {k: real[k] for k in KEYS}
