@@ -2,8 +2,11 @@
 """Which training settings fit in a GPU's memory, from the exact account
 (fake tensors: seconds, no weights allocated). See docs/benchmark.md.
 
-    python tools/plan.py configs/finetune/upernet_timm-vit-b16_mln_8xb2-160k_ade20k-512x512.py --memory 24GB
-    python tools/plan.py seg/dinov2-g14 --memory 24GB --precision bf16 --sdpa flash
+    python tools/plan.py \
+        configs/finetune/upernet_timm-vit-b16_mln_8xb2-160k_ade20k-512x512.py \
+        --memory 24GB
+    python tools/plan.py seg/dinov2-g14 --memory 24GB --precision bf16 \
+        --sdpa flash
     python tools/plan.py seg/vit-l16 --memory 16GB --batch 4 --ranks 16,64
 
 CONFIG is a config file (any method of it; the planner starts from its

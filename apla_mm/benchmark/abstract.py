@@ -33,8 +33,9 @@ Pieces:
   ``.item()``), which a fake tensor cannot know. The fallback answers them
   with a fixed assumption (every mask element true; ``.item()`` of a bool is
   False, so that ``while mask.any()`` loops and ``if bad.any(): raise``
-  checks pass; of a number 1) and records every such answer (operator, module) in
-  :attr:`AbstractCompute.substitutions`, which the account reports. In the
+  checks pass; of a number 1) and records every such answer (operator,
+  module) in :attr:`AbstractCompute.substitutions`, which the account
+  reports. In the
   segmentation presets the only ones are the pixel accuracy that mmseg's
   decode heads log (computed under the labels' ``!= ignore_index`` mask and
   saving nothing for backward), so the account is unaffected; validated
