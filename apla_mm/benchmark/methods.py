@@ -22,6 +22,13 @@ Method names (``--methods``):
 ``lora-r<R>``             LoRA rank ``R`` on qkv and W_O (alpha 16)
 ``meta``                  the META-style adapter config of the preset
 ========================  ===============================================
+
+Memory options (:data:`OPTIONS`, :mod:`apla_mm.memory`) are ``+`` suffixes:
+``+cp`` (= ``-cp``), ``+lean``, ``+heads``, ``+lp`` (needs AMP), ``+sdpa``
+and ``+all`` (every option that applies; :func:`resolve_options`), e.g.
+``apla-r64+cp+lean``, ``full+all``; they become a ``MemoryEfficientHook``
+entry of ``custom_hooks``, applied by :class:`Trainee` through
+:func:`apply_memory_hook`.
 """
 import contextlib
 import copy
