@@ -68,7 +68,7 @@ def test_apla_amp_resume_and_test_with_base_config(toy_seg_root, tmp_path):
     work = str(tmp_path / 'apla')
     log = run_tool('train', APLA, '--work-dir', work, '--amp',
                    '--cfg-options', *data_options(toy_seg_root, 3, 3))
-    assert '--amp: optimizer wrapper is APLAAmpOptimWrapper' in log
+    assert '--amp: optimizer wrapper is PortableAmpOptimWrapper' in log
     assert 'trainable params:' in log
     run_tool('train', APLA, '--work-dir', work, '--amp', '--resume',
              '--cfg-options', *data_options(toy_seg_root, 5, 5))

@@ -21,6 +21,7 @@ from apla_mm.engine.hooks import CheckpointCheckHook
 from apla_mm.utils.cli import (amp_note, check_data_roots, enable_amp,
                                load_config, prepare_resume,
                                setup_cpu_distributed, use_safe_checkpoint_hook)
+from apla_mm.utils.config_edit import add_peft_hook
 
 
 def parse_args():
@@ -70,6 +71,21 @@ def parse_args():
         help='override settings in the config, key=value pairs merged into '
         'it, e.g. train_cfg.max_iters=100 '
         "custom_hooks.0.rank=32 'model.backbone.out_indices=[1,3]'")
+    peft = parser.add_mutually_exclusive_group()
+    peft.add_argument(
+        '--apla',
+        nargs='*',
+        action=DictAction,
+        metavar='KEY=VALUE',
+        help="add APLAHook to any config without editing it, keeping the "
+        "config's own custom_imports and custom_hooks, e.g. --apla rank=64 "
+        'seed=0 (no value: the hook defaults)')
+    peft.add_argument(
+        '--lora',
+        nargs='*',
+        action=DictAction,
+        metavar='KEY=VALUE',
+        help='add LoRAHook the same way, e.g. --lora rank=16 alpha=16')
     parser.add_argument(
         '--launcher',
         choices=['none', 'pytorch', 'slurm', 'mpi'],
@@ -85,6 +101,12 @@ def parse_args():
 def main():
     args = parse_args()
     cfg, task = load_config(args)
+    for flag, hook_type in (('apla', 'APLAHook'), ('lora', 'LoRAHook')):
+        options = getattr(args, flag)
+        if options is not None:
+            hook = add_peft_hook(cfg, hook_type, dict(options))
+            print_log(f'--{flag}: added {dict(hook)} to custom_hooks',
+                      logger='current')
     has_gpu = torch.cuda.is_available()
     if args.amp:
         wrapper = enable_amp(cfg, has_gpu)

@@ -311,6 +311,10 @@ def _rows_from_state_dict(module, state_dict, prefix, *args):
         if key in state_dict and prefix + rows not in state_dict \
                 and module._parameters.get(rows) is not None:
             value = state_dict[key]
+            if value.shape != module._parameters[name].shape:
+                # another width: leave it to load_state_dict, which reports
+                # the shape mismatch (and apla_mm's load guard with it)
+                continue
             state_dict[prefix + rows] = value.index_select(
                 0, index.to(value.device))
 

@@ -1,4 +1,5 @@
 """What every PEFT hook does to the Runner, whichever the method."""
+import torch
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 
@@ -22,7 +23,9 @@ class BasePEFTHook(Hook):
        which freezes the backbone and creates the trainable tensors;
     2. moves the existing optimizer onto them: each adapted weight's place
        in its parameter group goes to its stand-ins, frozen parameters leave
-       (no state or gradient for them; groups and schedulers unchanged);
+       (no state or gradient for them; groups and schedulers unchanged), and
+       lets the adapter hook into the optimizer (:meth:`bind_optim_wrapper`;
+       APLA copies its rows into W_O after each step);
     3. rebuilds a DDP wrapper with the same settings, so that frozen
        parameters are not synchronised and the new ones are;
     4. checks that every process made the same choices and logs the
@@ -72,10 +75,25 @@ class BasePEFTHook(Hook):
         raise NotImplementedError
 
     def check_optim_wrapper(self, optim_wrapper) -> None:
-        """Raise if the optimizer wrapper cannot train this method."""
+        """Raise if the optimizer wrapper cannot train this method.
+
+        Any wrapper holding one ``optimizer`` works (``OptimWrapper``,
+        ``AmpOptimWrapper``, subclasses and wrappers of one's own): nothing
+        here depends on the wrapper's type.
+        """
+        from mmengine.optim import OptimWrapperDict
+        if isinstance(optim_wrapper, OptimWrapperDict) or not isinstance(
+                getattr(optim_wrapper, 'optimizer', None),
+                torch.optim.Optimizer):
+            raise TypeError(
+                f'{type(self).__name__} trains models with one optimizer, '
+                f'but the optimizer wrapper is {type(optim_wrapper).__name__}'
+                ' (several optimizers or none). Use a single optim_wrapper = '
+                "dict(type='OptimWrapper' or 'AmpOptimWrapper', optimizer="
+                '...) for a PEFT run.')
 
     def bind_optim_wrapper(self, optim_wrapper) -> None:
-        """Hand the adapter to the optimizer wrapper if it needs it."""
+        """Connect the adapter to the optimizer (e.g. a step post-hook)."""
 
     def check_resume(self, meta: dict) -> None:
         """Raise unless a checkpoint's meta matches the current settings."""

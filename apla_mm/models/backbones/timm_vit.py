@@ -1,5 +1,7 @@
-"""A timm Vision Transformer as a multi-level dense-prediction backbone."""
+"""A timm Vision Transformer (ViT, DINOv2, EVA-02, SAM, BEiT, ...) as a
+multi-level dense-prediction backbone."""
 import os.path as osp
+import re
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -41,25 +43,75 @@ def load_local_state_dict(path: str) -> Dict[str, torch.Tensor]:
     return load_state_dict(path, use_ema=False, weights_only=True)
 
 
+#: Optional ``timm.create_model`` arguments TimmViT adds itself; families
+#: whose constructor lacks one are built without it (SAM and BEiT have no
+#: ``dynamic_img_size``: SAM resamples its position embedding per input
+#: anyway, BEiT needs inputs of its ``img_size``).
+_OPTIONAL_KWARGS = {'dynamic_img_size': True}
+
+
+def _unexpected_kwarg(error: TypeError) -> Optional[str]:
+    match = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+    return match.group(1) if match else None
+
+
+def create_timm_vit(model_name: str, model_kwargs: Optional[dict] = None):
+    """``timm.create_model(model_name, pretrained=False, ...)`` for any timm
+    ViT-like family, with ``dynamic_img_size=True`` where it is accepted.
+
+    Arguments the user gives in ``model_kwargs`` are passed as they are; of
+    the ones TimmViT adds (:data:`_OPTIONAL_KWARGS`) only those the family's
+    constructor accepts are kept.
+    """
+    import timm
+    user = dict(model_kwargs or {})
+    kwargs = dict(_OPTIONAL_KWARGS)
+    kwargs.update(user)
+    while True:
+        try:
+            return timm.create_model(model_name, pretrained=False, **kwargs)
+        except TypeError as e:
+            name = _unexpected_kwarg(e)
+            if name is None or name in user or name not in kwargs:
+                raise TypeError(
+                    f'Could not build timm model {model_name!r} with '
+                    f'{kwargs}: {e}. TimmViT needs the name of a timm ViT-like '
+                    "model (timm.list_models('vit_*'), 'eva02_*', 'samvit_*',"
+                    " 'deit3_*', 'beitv2_*', ...) and arguments its "
+                    'constructor accepts.') from e
+            kwargs.pop(name)
+
+
 @MODELS.register_module()
 class TimmViT(BaseModule):
-    """Any timm ``VisionTransformer`` as a backbone returning NCHW maps.
+    """Any timm ViT-like model as a backbone returning NCHW maps.
 
-    The model is built with ``timm.create_model(model_name, pretrained=False,
-    dynamic_img_size=True, **model_kwargs)``, so inputs of any size divisible
-    by the patch size work (the position embedding is resampled per input).
-    Blocks after the last requested output, the classifier head and (unless
-    ``output_norm``) the final norm are pruned away.
+    Works with every timm family that offers ``forward_intermediates`` and
+    ``prune_intermediate_layers``: ``VisionTransformer`` (DeiT, DeiT-III,
+    AugReg, DINOv2 with or without registers, SigLIP, CLIP), ``Eva``
+    (EVA-02), ``VisionTransformerSAM`` (SAM's image encoder) and ``Beit``
+    (BEiT v2). The model is built with ``timm.create_model(model_name,
+    pretrained=False, dynamic_img_size=True, **model_kwargs)``
+    (:func:`create_timm_vit`; ``dynamic_img_size`` only where the family
+    accepts it), so inputs of any size divisible by the patch size work (the
+    position embedding is resampled per input; SAM does so itself; BEiT's
+    relative position tables need inputs of its ``img_size``). Patch-14
+    models (DINOv2, EVA-02) need inputs that are a multiple of 14, e.g. a
+    518x518 crop instead of 512x512 (see the DINOv2/EVA-02 configs). Blocks
+    after the last requested output, the classifier head and (unless
+    ``output_norm``) the final norm (SAM: its neck) are pruned away.
 
     Parameters keep timm's names under ``vit.``, e.g.
     ``backbone.vit.blocks.3.attn.proj.weight`` inside a segmentor, so timm
     checkpoints load unchanged and APLA's target patterns find ``attn.proj``.
 
     Args:
-        model_name (str): A timm ViT name, e.g. ``'vit_base_patch16_224'``.
-            Architecture arguments in ``model_kwargs`` override the name's
-            defaults (``embed_dim``, ``depth``, ``num_heads``, ``patch_size``,
-            ``img_size``, ``drop_path_rate``, ...).
+        model_name (str): A timm model name, e.g. ``'vit_base_patch16_224'``,
+            ``'vit_base_patch14_dinov2'``, ``'eva02_base_patch14_224'``,
+            ``'samvit_base_patch16'``. Architecture arguments in
+            ``model_kwargs`` override the name's defaults (``embed_dim``,
+            ``depth``, ``num_heads``, ``patch_size``, ``img_size``,
+            ``drop_path_rate``, ...).
         out_indices (Sequence[int]): Blocks whose outputs are returned, in
             order; negative values count from the last block.
             Defaults to the last block.
@@ -75,10 +127,10 @@ class TimmViT(BaseModule):
             checkpoint='local/file.pth', prefix=None)`` loads a local
             ``.pth``/``.safetensors`` file through the model family's own
             ``checkpoint_filter_fn`` (position-embedding and patch-embedding
-            resampling, DINOv2/CLIP/MAE key conversion). ``prefix`` keeps only
-            keys starting with it and strips it (e.g. ``'backbone.vit.'`` to
-            read a checkpoint of a whole segmentor). Nothing is ever
-            downloaded.
+            resampling, DINOv2/CLIP/MAE/EVA/SAM key conversion). ``prefix``
+            keeps only keys starting with it and strips it (e.g.
+            ``'backbone.vit.'`` to read a checkpoint of a whole segmentor).
+            Nothing is ever downloaded.
     """
 
     def __init__(self,
@@ -90,23 +142,20 @@ class TimmViT(BaseModule):
                  model_kwargs: Optional[dict] = None,
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
-        import timm
-        from timm.models.vision_transformer import VisionTransformer
-
-        kwargs = dict(dynamic_img_size=True)
-        kwargs.update(model_kwargs or {})
-        try:
-            vit = timm.create_model(model_name, pretrained=False, **kwargs)
-        except TypeError as e:
+        vit = create_timm_vit(model_name, model_kwargs)
+        missing = [
+            attr for attr in ('forward_intermediates',
+                              'prune_intermediate_layers', 'blocks',
+                              'patch_embed') if not hasattr(vit, attr)
+        ]
+        if missing:
             raise TypeError(
-                f'Could not build timm model {model_name!r} with {kwargs}: '
-                f'{e}. TimmViT needs a timm VisionTransformer name (see '
-                "timm.list_models('vit_*')) and arguments it accepts.") from e
-        if not isinstance(vit, VisionTransformer):
-            raise TypeError(
-                f'TimmViT needs a timm VisionTransformer, but {model_name!r} '
-                f'builds a {type(vit).__name__}. Use a ViT name such as '
-                "'vit_base_patch16_224' (see timm.list_models('vit_*')).")
+                f'TimmViT needs a timm ViT-like model with '
+                f'forward_intermediates (VisionTransformer, Eva, '
+                f'VisionTransformerSAM, Beit), but {model_name!r} builds a '
+                f'{type(vit).__name__} without {missing}. Use e.g. '
+                "'vit_base_patch16_224', 'eva02_base_patch14_224' or "
+                "'samvit_base_patch16'.")
         depth = len(vit.blocks)
         if isinstance(out_indices, int):
             out_indices = (out_indices, )
