@@ -13,8 +13,8 @@ ALL = sorted(
     p for p in glob.glob(osp.join(REPO_ROOT, 'configs', '**', '*.py'),
                          recursive=True) if '/_base_/' not in p)
 TOY = [p for p in ALL if '_toy' in osp.basename(p)]
-APLA_SEG = [p for p in ALL if osp.basename(p).startswith('apla-')
-            and 'mixin' not in p and 'upernet' in p]
+APLA = [p for p in ALL if osp.basename(p).startswith('apla-')
+        and 'mixin' not in p and '-lean_' not in p and '-toybase_' not in p]
 
 
 def _rel(path):
@@ -32,7 +32,9 @@ def test_config_loads(path):
     assert 'model' in cfg and 'train_dataloader' in cfg
     hooks = [h['type'] for h in cfg.get('custom_hooks', [])]
     if 'APLAHook' in hooks:
-        assert cfg.optim_wrapper.type == 'APLAOptimWrapper'
+        # mmseg's/mmdet's --amp need the stock wrapper type
+        assert cfg.optim_wrapper.get('type', 'OptimWrapper') in (
+            'OptimWrapper', 'AmpOptimWrapper', 'PortableAmpOptimWrapper')
         assert 'apla_mm' in cfg.custom_imports.imports
 
 
@@ -44,10 +46,11 @@ def test_toy_config_builds(path):
     assert sum(p.numel() for p in model.parameters()) < 5_000_000
 
 
-@pytest.mark.parametrize('path', APLA_SEG, ids=_rel)
-def test_apla_config_is_base_config_plus_three_lines(path):
+@pytest.mark.parametrize('path', APLA, ids=_rel)
+def test_apla_config_is_base_config_plus_two_lines(path):
     """An APLA config differs from its full fine-tuning base only by
-    custom_imports, custom_hooks and the optimizer wrapper type."""
+    custom_imports, custom_hooks and the official no-decay recipe for biases
+    and 1-D parameters."""
     cfg = Config.fromfile(path)
     name = osp.basename(path).split('_', 1)[1]
     base_path = osp.join(REPO_ROOT, 'configs', 'finetune', name)
@@ -56,8 +59,16 @@ def test_apla_config_is_base_config_plus_three_lines(path):
     for key in ('custom_imports', 'custom_hooks'):
         cfg_dict.pop(key, None)
         base_dict.pop(key, None)
-    assert cfg_dict.pop('optim_wrapper').pop('type') == 'APLAOptimWrapper'
-    assert base_dict.pop('optim_wrapper').pop('type') == 'OptimWrapper'
+    paramwise = cfg_dict['optim_wrapper']['paramwise_cfg']
+    assert paramwise.pop('bias_decay_mult') == 0.0
+    assert paramwise.pop('flat_decay_mult') == 0.0
+    base_paramwise = base_dict['optim_wrapper'].setdefault(
+        'paramwise_cfg', {})
+    assert 'bias_decay_mult' not in base_paramwise
+    if not paramwise:
+        cfg_dict['optim_wrapper'].pop('paramwise_cfg')
+        if not base_paramwise:
+            base_dict['optim_wrapper'].pop('paramwise_cfg')
     assert cfg_dict == base_dict
 
 
