@@ -13,9 +13,20 @@ only its input:
   level are one region, so the upsampled map (x4 per side at the first
   level) is never kept;
 * mmseg's ``UPerHead``: the fusion (resize of the FPN levels to the finest
-  one, concatenation, ``fpn_bottleneck``, dropout and ``conv_seg``) is one
-  region that keeps the FPN outputs at their own resolutions; the
-  concatenated map (4 x channels at 1/4 of the input) is not kept.
+  one, concatenation, ``fpn_bottleneck``, dropout and ``conv_seg``) never
+  builds the concatenation (4 x channels at 1/4 of the input). A
+  convolution is linear in its input channels, so ``fpn_bottleneck``'s
+  conv over the concatenation equals the sum, over the levels, of the conv
+  of that level's resized map with that level's slice of the weight (the
+  bias added once). Each level's resize + partial conv is one region that
+  keeps the level's FPN output at its own resolution; the partial sums are
+  accumulated in float32 (one rounding to the autocast dtype, as the single
+  conv); the norm, activation, dropout and ``conv_seg`` are one region that
+  keeps the sum (channels wide). Recomputing any of these regions rebuilds
+  at most a few channels-wide maps, never the 4 x channels one. A
+  ``fpn_bottleneck`` this split does not cover (grouped or explicitly
+  padded conv, another layer order, an eval-mode norm with mmcv's
+  efficient conv-bn forward) keeps the whole fusion as one region.
 
 Regions use the non-reentrant :func:`torch.utils.checkpoint.checkpoint`
 (trainable tensors inside frozen parts still get gradients; the RNG state
@@ -34,6 +45,7 @@ from typing import Callable, List, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
@@ -147,8 +159,71 @@ def _uper_head_forward(self, inputs):
         feats = _plain(self.fpn_bottleneck)(torch.cat(outs, dim=1))
         return self.cls_seg(feats)
 
-    return run_region(fuse, [self.fpn_bottleneck, self.conv_seg],
-                      *fpn_outs)
+    if not _active(self.fpn_bottleneck) \
+            or not _splittable(self.fpn_bottleneck, fpn_outs):
+        return run_region(fuse, [self.fpn_bottleneck, self.conv_seg],
+                          *fpn_outs)
+    return _split_fusion(self, fpn_outs)
+
+
+def _splittable(bottleneck: nn.Module, outs: Sequence[torch.Tensor]) -> bool:
+    """Whether ``bottleneck`` (a ConvModule over the concatenation of
+    ``outs``) can run as a sum of per-level convolutions."""
+    conv = getattr(bottleneck, 'conv', None)
+    if type(conv) is not nn.Conv2d or conv.groups != 1 \
+            or conv.padding_mode != 'zeros' \
+            or getattr(bottleneck, 'with_explicit_padding', False):
+        return False
+    if tuple(bottleneck.order) != ('conv', 'norm', 'act'):
+        return False
+    if bottleneck.with_norm and not bottleneck.norm.training \
+            and getattr(bottleneck, 'efficient_conv_bn_eval_forward',
+                        None) is not None:
+        return False
+    return sum(o.shape[1] for o in outs) == conv.in_channels
+
+
+def _split_fusion(head: nn.Module, fpn_outs: Sequence[torch.Tensor]):
+    """UPerHead's fusion as a sum of per-level partial convolutions, each
+    its own region, then norm + activation + ``cls_seg`` as one region.
+
+    ``conv(cat(x_0..x_n), W) + b = sum_i conv(x_i, W[:, C_i]) + b``, with
+    ``C_i`` the input channels of level ``i`` (``W[:, C_i]`` is a view of
+    the parameter, so the weight gradient lands in the one parameter).
+    """
+    from mmseg.models.utils import resize
+    bottleneck = head.fpn_bottleneck
+    conv = bottleneck.conv
+    size = fpn_outs[0].shape[2:]
+
+    def partial(i, start, stop):
+        def fn(x):
+            if i:
+                x = resize(x, size=size, mode='bilinear',
+                           align_corners=head.align_corners)
+            return F.conv2d(x, conv.weight[:, start:stop],
+                            conv.bias if i == 0 else None, conv.stride,
+                            conv.padding, conv.dilation, 1)
+        return fn
+
+    total, start = None, 0
+    for i, out in enumerate(fpn_outs):
+        stop = start + out.shape[1]
+        part = run_region(partial(i, start, stop), [conv], out)
+        # float32 accumulation: one rounding to a low autocast dtype, as
+        # the single convolution's
+        total = part.float() if total is None else total + part.float()
+        dtype, start = part.dtype, stop
+    total = total.to(dtype)
+
+    def finish(x):
+        if bottleneck.with_norm:
+            x = bottleneck.norm(x)
+        if bottleneck.with_activation:
+            x = bottleneck.activate(x)
+        return head.cls_seg(x)
+
+    return run_region(finish, [bottleneck, head.conv_seg], total)
 
 
 def _set_forward(module: nn.Module, fn) -> None:
