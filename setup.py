@@ -6,9 +6,20 @@ from source against torch <= 2.13 (its C++17 build rejects newer torch
 headers). ``tools/install.sh`` performs that build; a plain ``pip install``
 of this package expects torch and mmcv to be present already.
 """
+import os
 import os.path as osp
+import shutil
+import sys
 
 from setuptools import find_packages, setup
+
+#: What a normal install ships inside the package (``apla_mm/.mim``), as
+#: OpenMMLab's packages ship theirs for ``mim``; found at run time by
+#: :func:`apla_mm.utils.paths.configs_root`.
+MIM_FILES = ('configs', )
+#: setup.py commands that build a distribution (not an editable install,
+#: which reads ``configs/`` from the checkout).
+_BUILD_COMMANDS = ('install', 'build', 'build_py', 'bdist_wheel', 'sdist')
 
 
 def read_version() -> str:
@@ -16,6 +27,28 @@ def read_version() -> str:
     with open(osp.join('apla_mm', 'version.py')) as f:
         exec(f.read(), namespace)
     return namespace['__version__']
+
+
+def copy_mim_files() -> None:
+    """Copy :data:`MIM_FILES` into ``apla_mm/.mim`` for a distribution.
+
+    Skipped for an editable install (``develop``, ``editable_wheel``): the
+    package then uses the checkout's own ``configs/``.
+    """
+    commands = set(sys.argv[1:])
+    if commands & {'develop', 'editable_wheel'} or \
+            not commands & set(_BUILD_COMMANDS):
+        return
+    mim = osp.join('apla_mm', '.mim')
+    os.makedirs(mim, exist_ok=True)
+    for name in MIM_FILES:
+        target = osp.join(mim, name)
+        if osp.islink(target) or osp.isfile(target):
+            os.remove(target)
+        elif osp.isdir(target):
+            shutil.rmtree(target)
+        shutil.copytree(name, target,
+                        ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
 
 
 def read_readme() -> str:
@@ -50,6 +83,7 @@ extras_require = {
     'dev': ['pytest>=7', 'pytest-timeout', 'ruff'],
 }
 
+copy_mim_files()
 setup(
     name='apla_mm',
     version=read_version(),
@@ -61,6 +95,7 @@ setup(
     python_requires='>=3.9',
     packages=find_packages(include=['apla_mm', 'apla_mm.*']),
     include_package_data=True,
+    package_data={'apla_mm': ['.mim/configs/**/*.py']},
     install_requires=install_requires,
     extras_require=extras_require,
     classifiers=[

@@ -16,13 +16,17 @@ from mmengine.hooks import Hook
 
 from apla_mm.peft.utils import unwrap_model
 from apla_mm.registry import HOOKS
+from apla_mm.utils.paths import PACKAGE_PARENT, config_path
 
-REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+#: The repository root (the folder the package is imported from): the
+#: working directory of :func:`run_tool`.
+REPO_ROOT = PACKAGE_PARENT
 
 
 def repo_config(path: str) -> str:
-    """Absolute path of a config under the repository's ``configs/``."""
-    return osp.join(REPO_ROOT, 'configs', path)
+    """Absolute path of a shipped config, ``path`` relative to ``configs/``
+    (:func:`apla_mm.utils.paths.configs_root`)."""
+    return config_path(path)
 
 
 def run_tool(args: Sequence[str],
