@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from apla_mm.models import METAAdapterViT
-from apla_mm.models.backbones.meta_adapter import even_interaction_indexes
-from apla_mm.models.layers import (CascadedMEA, CrossShapedAttention, MEABlock,
-                                   cross_shaped_attention)
+from apla_mm.models.meta_adapter import (CascadedMEA, CrossShapedAttention,
+                                         MEABlock, cross_shaped_attention,
+                                         even_interaction_indexes)
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOY_CONFIG = ('meta_adapter/'

@@ -1,3 +1,4 @@
 from .backbones import *  # noqa: F401,F403
 from .layers import *  # noqa: F401,F403
+from .meta_adapter import *  # noqa: F401,F403
 from .necks import *  # noqa: F401,F403

@@ -5,8 +5,8 @@ Cheng, "Memory Efficient Transformer Adapter for Dense Predictions", ICLR
 2025, arXiv 2502.01962), written from the paper's abstract, its Fig. 2 and
 the OpenReview discussion; there is no official code. The layout is that
 of ViT-Adapter (Chen et al., ICLR 2023), with META's cascaded MEA
-(:class:`~apla_mm.models.layers.CascadedMEA`) as injector and extractor in
-place of deformable attention::
+(:class:`~apla_mm.models.meta_adapter.CascadedMEA`) as injector and
+extractor in place of deformable attention::
 
     image -> SPM -> c1 (1/4), c2 (1/8), c3 (1/16), c4 (1/32)
     F_sp  = sum of c2, c3, c4 resampled to the ViT grid
@@ -63,7 +63,7 @@ points in that document:
    layer on ``[x, y, attn, ffn, conv(x), conv(y)]`` (``6d -> d``),
    computed without building the concatenation. The shared norm is one
    LayerNorm over the bus ``[x, y]`` with statistics per stream and no
-   affine (see :class:`~apla_mm.models.layers.MEABlock`).
+   affine (see :class:`~apla_mm.models.meta_adapter.MEABlock`).
 8. **Injection scale**: learnable per-channel ``gamma`` per interaction,
    initialised to 0 (ViT-Adapter), so training starts from the pretrained
    ViT's features. The extractor is residual without a scale
@@ -75,7 +75,7 @@ points in that document:
    the injectors. ``frozen=False`` trains the ViT too.
 10. **SPM**: ViT-Adapter's (stem + three stride-2 convs, ``conv_inplane=64``,
     1x1 projections to ``D``), see
-    :class:`~apla_mm.models.layers.SpatialPriorModule`.
+    :class:`~apla_mm.models.meta_adapter.SpatialPriorModule`.
 11. **Pyramid**: four maps at strides 4, 8, 16, 32: each SPM level plus the
     final ``F_sp + F_vit`` resampled (bilinear) to it, then a norm
     (``norm_cfg``) and, when ``out_channels`` differs from ``D``, a 1x1
@@ -103,11 +103,11 @@ import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
 from torch.utils.checkpoint import checkpoint
 
-from apla_mm.models.layers.mea import CascadedMEA
-from apla_mm.models.layers.spatial_prior import SpatialPriorModule
+from apla_mm.models.backbones.timm_vit import TimmViT
 from apla_mm.registry import MODELS
 
-from .timm_vit import TimmViT
+from .mea import CascadedMEA
+from .spatial_prior import SpatialPriorModule
 
 __all__ = ['METAAdapterViT', 'even_interaction_indexes']
 
@@ -144,7 +144,7 @@ class METAAdapterViT(TimmViT):
     """timm ViT + META adapter: a 4-level pyramid for UperNet / FPN.
 
     The design and every choice for what the paper leaves open are in the
-    module docstring (:mod:`apla_mm.models.backbones.meta_adapter`) and in
+    module docstring (:mod:`apla_mm.models.meta_adapter.backbone`) and in
     ``docs/meta_adapter.md``. The ViT is built, loaded and frozen as in
     :class:`TimmViT` (its parameters keep timm's names under ``vit.``);
     the adapter lives in ``spm``, ``injectors``, ``gamma``, ``extractors``,
