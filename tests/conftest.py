@@ -20,7 +20,7 @@ os.environ.setdefault('OMP_NUM_THREADS', '2')
 @pytest.fixture(scope='session')
 def toy_root(tmp_path_factory):
     """Both toy sets, generated once per test session."""
-    from apla_mm.datasets import make_toy_data
+    from apla_mm.toydata import make_toy_data
     root = tmp_path_factory.mktemp('toy')
     make_toy_data(str(root), ('seg', 'coco'), num_train=24, num_val=8)
     return str(root)

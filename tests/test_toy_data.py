@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from mmengine.config import Config
 
-from apla_mm.datasets import (TOY_COCO_METAINFO, TOY_SEG_METAINFO,
-                              make_toy_data)
 from apla_mm.testing import repo_config
+from apla_mm.toydata import TOY_COCO_METAINFO, TOY_SEG_METAINFO, make_toy_data
 
 
 def _digest(root):

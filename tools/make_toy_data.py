@@ -15,7 +15,7 @@ import argparse
 import os
 import os.path as osp
 
-from apla_mm.datasets.toy import make_toy_data
+from apla_mm.toydata.toy import make_toy_data
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOY_BACKBONE_CONFIG = osp.join(
