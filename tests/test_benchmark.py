@@ -16,7 +16,7 @@ from apla_mm.benchmark import (BenchmarkOptions, SavedTensorRecorder,
                                Trainee, breakdown, method_label,
                                parse_method, preset_methods, run_benchmark,
                                write_outputs)
-from apla_mm.benchmark.memory import measure_peak
+from apla_mm.benchmark.peak import measure_peak
 from apla_mm.testing import REPO_ROOT
 
 F32 = 4

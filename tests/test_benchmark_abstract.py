@@ -12,10 +12,12 @@ import torch.nn as nn
 from apla_mm.benchmark.abstract import (AbstractCompute, check_all_fake,
                                         fake_parameters, is_fake,
                                         new_fake_mode)
-from apla_mm.benchmark.memory import account_step
-from apla_mm.benchmark.methods import (Trainee, apply_method, method_label,
-                                       parse_method, preset_methods,
-                                       resolve_options)
+from apla_mm.benchmark.account import account_step
+from apla_mm.benchmark.edits import apply_method
+from apla_mm.benchmark.presets import preset_methods
+from apla_mm.benchmark.specs import (method_label, parse_method,
+                                     resolve_options)
+from apla_mm.benchmark.trainee import Trainee
 from apla_mm.benchmark.planner import (PlanOptions, Planner, format_plan,
                                        parse_memory, plan)
 from apla_mm.benchmark.sdpa import SDPABackend, check_backend

@@ -1,27 +1,35 @@
 """Benchmarks of APLA and the baselines: parameters, memory, time.
 
-``tools/benchmark.py`` is the command line; the pieces are usable alone:
+``tools/benchmark.py`` and ``tools/plan.py`` are the command lines
+(:mod:`.cli` holds their common arguments); the pieces are usable alone:
 
-* :mod:`.methods`: method names, task presets, :class:`Trainee` (a method
-  built from its config with the PEFT hook's adapter, AdamW, a synthetic
-  batch);
-* :mod:`.memory`: the exact per-step memory account
-  (:func:`account_step`, :class:`SavedTensorRecorder`) and the measured
-  peak in a fresh process (:func:`measure_peak`);
+* :mod:`.specs`: method names (``apla-r64+cp+lean``, ...) and
+  :class:`MethodSpec`;
+* :mod:`.presets`: the task/model presets and their method specs;
+* :mod:`.edits`: the config edits a method, an input size or a model width
+  makes;
+* :mod:`.trainee`: :class:`Trainee` (a method built from its config with the
+  PEFT hook's adapter, AdamW, a synthetic batch);
+* :mod:`.account`: the exact per-step memory account (:func:`account_step`,
+  :class:`SavedTensorRecorder`), with :mod:`.checkpoint_probe` inside
+  activation checkpointing;
+* :mod:`.peak`: the measured peak in a fresh process (:func:`measure_peak`);
 * :mod:`.timing`: interleaved (round-robin) step timing;
-* :mod:`.runner`: :func:`run_benchmark`;
+* :mod:`.runner`: :func:`run_benchmark`; :mod:`.planner`: what fits in a
+  memory budget;
 * :mod:`.report`: markdown, JSON and PNG outputs.
 """
 from . import classifier  # noqa: F401  (registers BenchViTClassifier)
-from .memory import (SavedTensorRecorder, account_step, breakdown,
-                     grad_bytes, measure_peak, optimizer_bytes,
-                     weight_bytes)
-from .methods import (PRESETS, MethodSpec, Trainee, apply_method,
-                      config_methods, method_label, parse_method,
-                      preset_methods)
+from .account import (SavedTensorRecorder, account_step, breakdown,
+                      grad_bytes, optimizer_bytes, weight_bytes)
+from .edits import apply_method
+from .peak import measure_peak
+from .presets import PRESETS, config_methods, preset_methods
 from .report import chart, markdown, write_outputs
 from .runner import BenchmarkOptions, run_benchmark
+from .specs import MethodSpec, method_label, parse_method
 from .timing import interleaved, summarize
+from .trainee import Trainee
 
 __all__ = [
     'BenchmarkOptions', 'MethodSpec', 'PRESETS', 'SavedTensorRecorder',

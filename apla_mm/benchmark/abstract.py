@@ -7,7 +7,7 @@ output's metadata (and its aliasing: a view shares its base's storage)
 without touching any value. Autograd works on fake tensors as on real ones,
 so a forward pass saves the same tensors for backward, ``backward()``
 creates ``.grad`` tensors of the same sizes, and AdamW creates the same
-state. Counting them (:class:`~apla_mm.benchmark.memory.SavedTensorRecorder`
+state. Counting them (:class:`~apla_mm.benchmark.account.SavedTensorRecorder`
 identifies a fake tensor's storage by its ``StorageImpl`` instead of its
 data pointer) gives the account of a model far too big, or too slow, to run
 here (ViT-L/16, DINOv2-g/14) in seconds and without allocating its weights.

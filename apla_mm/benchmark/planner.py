@@ -8,7 +8,7 @@ the same savings) would need.
 
 How it computes, in seconds and without allocating a weight:
 
-* every figure is the exact account of :func:`~apla_mm.benchmark.memory.
+* every figure is the exact account of :func:`~apla_mm.benchmark.account.
   account_step` on fake tensors (:mod:`~apla_mm.benchmark.abstract`):
   weights + gradients + AdamW state + saved activations + the largest
   recomputed region;
@@ -29,22 +29,25 @@ Results are cached (``work_dirs/plan_cache``, keyed by the config, size,
 precision, attention kernel and torch version), so asking again with another
 budget is instant.
 """
-import copy
 import hashlib
 import json
 import os
 import os.path as osp
 import re
 import time
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .memory import MB, account_step, unique_bytes, weight_bytes
-from .methods import (MethodSpec, Trainee, _config_size, apply_method,
-                      method_label, parse_method, preset_base, set_input_size,
-                      task_of_cfg, PRESETS)
+from apla_mm.utils.cli import task_of
+from .account import MB, account_step, unique_bytes, weight_bytes
+from .edits import (MODEL_TASKS, apply_method, backbone_cfg, config_size,
+                    set_input_size, strip_method)
+from .presets import PRESETS, preset_base
+from .specs import (MethodSpec, amp_of, method_label, parse_method,
+                    resolve_options)
+from .trainee import Trainee
 
 GiB = 2**30
 
@@ -68,24 +71,6 @@ def parse_memory(text: str) -> int:
         raise ValueError(f'cannot read the memory size {text!r}; write e.g. '
                          '24GB, 24GiB, 80g or 512MB.')
     return int(float(m[1]) * _UNITS[m[2].lower()])
-
-
-def strip_method(cfg, task: str):
-    """The full fine-tuning config behind a method config: PEFT and memory
-    hooks removed, the backbone trainable and not checkpointed."""
-    cfg = copy.deepcopy(cfg)
-    hooks = [
-        h for h in (cfg.get('custom_hooks') or []) if h.get('type') not in (
-            'APLAHook', 'LoRAHook', 'MemoryEfficientHook')
-    ]
-    cfg.custom_hooks = hooks
-    backbone = cfg.model if task == 'backbone' else cfg.model.backbone
-    for key in ('frozen', 'with_cp'):
-        if backbone.get(key):
-            backbone[key] = False
-    if backbone.get('frozen_exclude') == []:
-        backbone.pop('frozen_exclude')
-    return cfg
 
 
 @dataclass
@@ -122,14 +107,6 @@ class PlanOptions:
     sdpa: str = 'auto'
     cache_dir: Optional[str] = 'work_dirs/plan_cache'
     ladder: Sequence[Sequence[str]] = LADDER
-    extra: dict = field(default_factory=dict)
-
-
-def _amp(precision: str) -> Optional[str]:
-    if precision not in ('fp32', 'bf16', 'fp16'):
-        raise ValueError(f'precision must be fp32, bf16 or fp16, got '
-                         f'{precision!r}')
-    return None if precision == 'fp32' else precision
 
 
 def load_source(source: str, size: Optional[int] = None):
@@ -148,10 +125,10 @@ def load_source(source: str, size: Optional[int] = None):
                 f'{presets}.')
         from mmengine.config import Config
         cfg = Config.fromfile(source)
-        task = task_of_cfg(cfg)
+        task = task_of(cfg, MODEL_TASKS)
         base = strip_method(cfg, task)
         desc = source
-        size = size or _config_size(cfg, task)
+        size = size or config_size(cfg, task)
     if task == 'det':
         raise ValueError(
             'the planner works on the abstract account, and a detector\'s '
@@ -170,7 +147,7 @@ class Planner:
 
     def __init__(self, opts: PlanOptions) -> None:
         self.opts = opts
-        self.amp = _amp(opts.precision)
+        self.amp = amp_of(opts.precision)
         self.base, self.task, self.size, self.desc = load_source(
             opts.source, opts.size)
         key = json.dumps(dict(cfg=self.base.pretty_text, size=self.size,
@@ -223,9 +200,7 @@ class Planner:
         lean loss and fused attention change forward passes only), so one
         build serves every such option set."""
         info = parse_method(name)
-        from .methods import resolve_options
-        backbone = (self.base.model if self.task == 'backbone' else
-                    self.base.model.backbone).get('type', '')
+        backbone = backbone_cfg(self.base, self.task).get('type', '')
         lp = 'lp' in resolve_options(info, self.amp, backbone)
         name = name.split('+')[0].replace('-cp', '') + ('+lp' if lp else '')
         key = f'static|{name}'
@@ -290,9 +265,7 @@ def plan(opts: PlanOptions) -> dict:
                  max_batch=max(fits) if fits else 0,
                  per_image=per, static=planner.static(name)))
 
-    from .methods import resolve_options
-    backbone = (planner.base.model if planner.task == 'backbone' else
-                planner.base.model.backbone).get('type', '')
+    backbone = backbone_cfg(planner.base, planner.task).get('type', '')
     seen = set()
     ladder = [tuple(o) for o in opts.ladder]
     # full fine-tuning: stock, and with the leanest ladder step (no +lp:

@@ -5,14 +5,20 @@ import os
 import os.path as osp
 import platform
 import tempfile
-from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 
-from .memory import account_step, measure_peak
-from .methods import MethodSpec, Trainee, config_methods, preset_methods
+from mmengine.config import Config
+
+from .account import account_step
+from .edits import config_size
+from .peak import measure_peak
+from .presets import config_methods, preset_methods
+from .specs import MethodSpec, amp_of
 from .timing import interleaved
+from .trainee import Trainee
 
 
 @dataclass
@@ -79,7 +85,6 @@ class BenchmarkOptions:
     sdpa: str = 'auto'
     check_abstract: bool = False
     abstract_accounts: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def _versions() -> dict:
@@ -108,16 +113,6 @@ def device_description(device: str) -> str:
     return f'CPU ({os.cpu_count()} cores, {cpu})'
 
 
-PRECISIONS = ('fp32', 'bf16', 'fp16')
-
-
-def _amp(precision: str) -> Optional[str]:
-    if precision not in PRECISIONS:
-        raise ValueError(f'precision must be one of {PRECISIONS}, got '
-                         f'{precision!r}')
-    return None if precision == 'fp32' else precision
-
-
 def select_specs(opts: BenchmarkOptions, precision: str = 'fp32'):
     """The method specs and the resolved size/batch (for one precision:
     ``+lp`` and ``+all`` depend on it)."""
@@ -127,12 +122,11 @@ def select_specs(opts: BenchmarkOptions, precision: str = 'fp32'):
         if not specs:
             raise ValueError('--methods removed every config')
         batch = opts.batch or 2
-        from .methods import _config_size
-        size = opts.size or _config_size(specs[0].cfg, specs[0].task)
+        size = opts.size or config_size(specs[0].cfg, specs[0].task)
         return specs, size, batch, specs[0].source
     specs, preset = preset_methods(opts.task, opts.model, opts.size,
                                    list(opts.methods) or None,
-                                   amp=_amp(precision))
+                                   amp=amp_of(precision))
     return specs, preset['size'], opts.batch or preset['batch'], \
         preset.get('base', 'BenchViTClassifier')
 
@@ -172,7 +166,7 @@ def _run(opts: BenchmarkOptions) -> dict:
         raise RuntimeError('--device cuda, but torch sees no GPU')
     precisions = list(opts.precisions) or ['fp32']
     for p in precisions:
-        _amp(p)
+        amp_of(p)
     if len(set(precisions)) != len(precisions):
         raise ValueError(f'precisions repeat: {precisions}')
     if opts.abstract and (opts.timing or opts.peak):
@@ -220,8 +214,7 @@ def _run(opts: BenchmarkOptions) -> dict:
         abstract_accounts=opts.abstract_accounts,
         sdpa=opts.sdpa,
         date=datetime.datetime.now().isoformat(timespec='seconds'),
-        versions=_versions(),
-        **opts.extra)
+        versions=_versions())
     results = {s.name: dict(name=s.name, label=s.label, source=s.source)
                for s in specs}
 
@@ -232,7 +225,7 @@ def _run(opts: BenchmarkOptions) -> dict:
 
     def build(spec, precision, abstract=opts.abstract):
         return Trainee(spec, batch, size, opts.device, seed=opts.seed,
-                       amp=_amp(precision), abstract=abstract,
+                       amp=amp_of(precision), abstract=abstract,
                        sdpa=opts.sdpa)
 
     def check(spec, precision, real):
@@ -286,7 +279,7 @@ def _run(opts: BenchmarkOptions) -> dict:
             calls = {}
             if need_base:
                 base_spec = MethodSpec('(base)', 'base model', task,
-                                       _base_cfg(opts, specs))
+                                       _base_cfg(opts))
                 trainees['(base)'] = build(base_spec, precisions[0])
             for name, t in trainees.items():
                 t.prepare_inference()
@@ -316,7 +309,7 @@ def _run(opts: BenchmarkOptions) -> dict:
                 results[spec.name]['peak'] = measure_peak(
                     path, spec.name, task, size, batch, opts.device,
                     steps=opts.peak_steps, seed=opts.seed,
-                    threads=opts.threads, amp=_amp(precisions[0]),
+                    threads=opts.threads, amp=amp_of(precisions[0]),
                     sdpa=opts.sdpa)
                 progress(f'peak {spec.name}')
     progress.close()
@@ -343,12 +336,12 @@ def _safe(name: str) -> str:
     return ''.join(c if c.isalnum() or c in '-_' else '_' for c in name)
 
 
-def _base_cfg(opts: BenchmarkOptions, specs: List[MethodSpec]):
+def _base_cfg(opts: BenchmarkOptions) -> Config:
     """The preset's base config (full fine-tuning) for the inference
     reference when ``full`` is not among the methods."""
     precision = (list(opts.precisions) or ['fp32'])[0]
     base_specs, _ = preset_methods(opts.task, opts.model, opts.size,
-                                   ['full'], amp=_amp(precision))
+                                   ['full'], amp=amp_of(precision))
     return base_specs[0].cfg
 
 

@@ -1,6 +1,6 @@
 """Measure one method's peak training memory in a fresh process.
 
-Run by :func:`apla_mm.benchmark.memory.measure_peak`::
+Run by :func:`apla_mm.benchmark.peak.measure_peak`::
 
     python -m apla_mm.benchmark.worker '{"config": "dumped.py", "name": ...,
         "task": "seg", "size": 256, "batch": 2, "device": "cpu", "steps": 2}'
@@ -20,9 +20,10 @@ def main(argv=None) -> None:
     from mmengine.config import Config
 
     import apla_mm  # noqa: F401
-    from apla_mm.benchmark.memory import (RESULT_PREFIX, peak_rss_bytes,
-                                          reset_peak_rss, rss_bytes)
-    from apla_mm.benchmark.methods import MethodSpec, Trainee
+    from apla_mm.benchmark.peak import (RESULT_PREFIX, peak_rss_bytes,
+                                        reset_peak_rss, rss_bytes)
+    from apla_mm.benchmark.specs import MethodSpec
+    from apla_mm.benchmark.trainee import Trainee
 
     if spec.get('threads'):
         torch.set_num_threads(spec['threads'])

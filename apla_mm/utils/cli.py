@@ -7,7 +7,7 @@ decides which library's conventions apply where the two differ (``--out``,
 import logging
 import os
 import os.path as osp
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, List, Mapping, Optional, Tuple
 
 from mmengine.config import Config, ConfigDict
 from mmengine.logging import print_log
@@ -20,13 +20,33 @@ _AMP_TYPES = ('AmpOptimWrapper', 'PortableAmpOptimWrapper',
               'APLAAmpOptimWrapper')
 
 
-def task_of(cfg: Config) -> str:
-    """``'seg'`` or ``'det'`` from the config's ``default_scope``."""
+#: ``default_scope`` -> task, for the OpenMMLab libraries apla_mm runs.
+SCOPE_TASKS = {'mmseg': 'seg', 'mmdet': 'det'}
+
+
+def task_of(cfg: Config,
+            model_tasks: Optional[Mapping[str, str]] = None) -> str:
+    """The task of a config: ``'seg'`` or ``'det'`` from its
+    ``default_scope``.
+
+    Args:
+        cfg (Config): The config.
+        model_tasks (Mapping[str, str], optional): Model types that decide
+            the task themselves, whatever the scope (the benchmark's
+            ``{'BenchViTClassifier': 'backbone'}``).
+
+    Returns:
+        str: ``'seg'``, ``'det'``, or the task ``model_tasks`` names.
+
+    Raises:
+        ValueError: The scope is neither ``mmseg`` nor ``mmdet``.
+    """
+    model_type = (cfg.get('model') or {}).get('type')
+    if model_tasks and model_type in model_tasks:
+        return model_tasks[model_type]
     scope = cfg.get('default_scope')
-    if scope == 'mmseg':
-        return 'seg'
-    if scope == 'mmdet':
-        return 'det'
+    if scope in SCOPE_TASKS:
+        return SCOPE_TASKS[scope]
     raise ValueError(
         f'Config has default_scope={scope!r}; apla_mm tools run mmseg '
         "('mmseg') and mmdet ('mmdet') configs. Inherit from an mmseg:: or "

@@ -4,8 +4,9 @@ warnings.filterwarnings('ignore')
 import torch
 torch.set_num_threads(2)
 import apla_mm
-from apla_mm.benchmark.methods import preset_methods, Trainee
-from apla_mm.benchmark.memory import account_step, MB
+from apla_mm.benchmark.presets import preset_methods
+from apla_mm.benchmark.trainee import Trainee
+from apla_mm.benchmark.account import account_step, MB
 methods = sys.argv[1].split(','); prec = sys.argv[2]; out = sys.argv[3]
 amp = None if prec == 'fp32' else prec
 specs, preset = preset_methods('seg', 'vit-b16', size=512, methods=methods, amp=amp)

@@ -1,7 +1,5 @@
-"""Training memory: an exact account of one step, and the measured peak.
+"""Training memory: the exact account of one training step.
 
-Exact account
--------------
 :func:`account_step` runs one training step (the model's first, from the
 same initial weights for every method; AdamW's state is counted after the
 step created it) and counts, in bytes, every tensor the step keeps:
@@ -28,7 +26,8 @@ step created it) and counts, in bytes, every tensor the step keeps:
     through the outer hooks); the tensors the region would save are
     dropped and rebuilt in backward, one region at a time. They are
     recorded in the region's forward (through the checkpoint's own pack
-    hook, which sees each tensor before replacing it with a handle) and
+    hook, which sees each tensor before replacing it with a handle:
+    :mod:`.checkpoint_probe`) and
     ``recompute`` is the largest region's unique new bytes (the extra
     memory of recomputing it during backward).
 
@@ -47,29 +46,10 @@ saved it (outermost ``torch.*``/``F.*``/``Tensor`` call, via a
 (block indices replaced by ``*``), which is where to look when a method
 keeps more than it should (e.g. a frozen layer keeping its input).
 
-Measured peak
--------------
-:func:`measure_peak` trains the method for a few steps in a fresh Python
-process (``python -m apla_mm.benchmark.worker``). The process first builds
-the method and runs one step, discards them and resets its peak (a warm
-round: lazy imports, thread pools, kernel caches and CUDA workspaces are
-allocated once and are not the method's memory), takes the baseline, then
-builds the method again and trains ``steps`` steps. It reports
-``torch.cuda.max_memory_allocated`` on a GPU, or the process's peak
-resident set size on a CPU (``VmHWM`` of ``/proc/self/status``, reset
-through ``/proc/self/clear_refs``; else ``ru_maxrss`` without the warm
-round), minus the baseline: the ``increment`` (weights, batch, gradients,
-optimizer state, activations, temporaries and allocator slack). On a CPU
-the child runs with a fixed glibc mmap threshold
-(``MALLOC_MMAP_THRESHOLD_=65536``) so freed tensor buffers leave the
-resident set at once.
+The measured peak, its counterpart, is :mod:`.peak`.
 """
 import contextlib
-import json
-import os
 import re
-import subprocess
-import sys
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -80,6 +60,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from .abstract import is_fake
+from .checkpoint_probe import region_packs
 
 MB = 2**20
 
@@ -250,29 +231,6 @@ class SavedTensorRecorder:
             _Record(_storage_key(t), _tensor_bytes(t), name, mtype, fn,
                     keep=t.detach(), region=region))
 
-    def _patch_checkpoint(self) -> None:
-        """Let checkpointed regions report what they would have saved."""
-        import torch.utils.checkpoint as cp
-        original = getattr(cp, '_checkpoint_hook', None)
-        if original is None:  # pragma: no cover - other torch versions
-            return
-        recorder = self
-
-        class _CountingCheckpointHook(original):
-
-            def __init__(self, frame) -> None:
-                super().__init__(frame)
-                inner = self.pack_hook
-
-                def pack_hook(x):
-                    recorder._region_pack(frame, x)
-                    return inner(x)
-
-                self.pack_hook = pack_hook
-
-        cp._checkpoint_hook = _CountingCheckpointHook
-        self._exit.callback(setattr, cp, '_checkpoint_hook', original)
-
     def __enter__(self) -> 'SavedTensorRecorder':
         if self.attribute:
             from torch.nn.modules.module import (
@@ -290,7 +248,7 @@ class SavedTensorRecorder:
             self._exit.callback(
                 register_module_forward_hook(post, always_call=True).remove)
             self._exit.enter_context(self._fn)
-        self._patch_checkpoint()
+        self._exit.enter_context(region_packs(self._region_pack))
         self._exit.enter_context(
             torch.autograd.graph.saved_tensors_hooks(self._pack,
                                                      self._unpack))
@@ -401,7 +359,7 @@ def breakdown(entries: Sequence[dict], top: Optional[int] = None,
 def account_step(trainee, warmup: bool = False, attribute: bool = True,
                  top: int = 12) -> dict:
     """The exact memory account of one training step of a
-    :class:`~apla_mm.benchmark.methods.Trainee` (see the module docstring).
+    :class:`~apla_mm.benchmark.trainee.Trainee` (see the module docstring).
 
     By default the counted step is the model's first: every method starts
     from the same initial weights, so data-dependent parts (e.g. the RoIs a
@@ -458,72 +416,3 @@ def _count_substitutions(subs: Sequence[dict]) -> List[dict]:
                                         assumption=key[2], count=0))
         g['count'] += 1
     return list(groups.values())
-
-
-# ----------------------------------------------------------------------
-# measured peak (a fresh process per method)
-def rss_bytes(field_name: str = 'VmRSS') -> Optional[int]:
-    """A ``/proc/self/status`` memory field in bytes (Linux)."""
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith(field_name + ':'):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process."""
-    value = rss_bytes('VmHWM')
-    if value is not None:
-        return value
-    import resource
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == 'darwin' else peak * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's peak RSS (``VmHWM``) to its current RSS
-    (``/proc/self/clear_refs``, Linux >= 4.0); False if not possible."""
-    try:
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')
-        return True
-    except OSError:
-        return False
-
-
-RESULT_PREFIX = 'APLA_MM_BENCHMARK_RESULT '
-
-
-def measure_peak(config_file: str, name: str, task: str, size: int,
-                 batch: int, device: str, steps: int = 2, seed: int = 0,
-                 threads: Optional[int] = None,
-                 timeout: Optional[float] = None,
-                 amp: Optional[str] = None, sdpa: str = 'auto') -> dict:
-    """Train ``steps`` steps of a dumped method config in a fresh process
-    and return its peak memory (see the module docstring); ``amp`` and
-    ``sdpa`` as for :class:`~apla_mm.benchmark.methods.Trainee`."""
-    spec = dict(config=config_file, name=name, task=task, size=size,
-                batch=batch, device=device, steps=steps, seed=seed,
-                threads=threads, amp=amp, sdpa=sdpa)
-    env = dict(os.environ, PYTHONWARNINGS='ignore')
-    # glibc: a fixed mmap threshold returns every freed tensor buffer to the
-    # system at once, so the resident size follows the live tensors (the
-    # default, adaptive threshold keeps freed buffers of up to 32 MB in the
-    # heap and inflates the peak unevenly across methods)
-    env.setdefault('MALLOC_MMAP_THRESHOLD_', '65536')
-    from apla_mm.testing import REPO_ROOT
-    env['PYTHONPATH'] = REPO_ROOT + os.pathsep + env.get('PYTHONPATH', '')
-    proc = subprocess.run(
-        [sys.executable, '-m', 'apla_mm.benchmark.worker',
-         json.dumps(spec)],
-        capture_output=True, text=True, env=env, timeout=timeout)
-    for line in proc.stdout.splitlines()[::-1]:
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
-    raise RuntimeError(
-        f'peak measurement of {name} failed (exit {proc.returncode}):\n'
-        f'{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}')
