@@ -9,7 +9,7 @@ import torch.nn as nn
 from apla_mm.peft import (APLAAdapter, APLAConfig, TargetNotFoundError,
                           count_parameters, random_channels)
 from apla_mm.peft.apla import layer_seed
-from apla_mm.peft.utils import base_class
+from apla_mm.peft.swap import base_class
 
 EXPECTED_TARGETS = {
     'TimmViT': 'backbone.vit.blocks.{}.attn.proj',

@@ -1,21 +1,29 @@
 """Parameter-efficient fine-tuning methods, independent of the Runner.
 
-Each method is an *adapter* object applied to a built model (HF peft's
-"tuner"), with a small config dataclass, a trainable-parameter report and a
-delta export. The mmengine hooks in :mod:`apla_mm.engine` drive them.
+Each method fills in one contract (:mod:`apla_mm.peft.base`, after HF
+peft's tuners): a config dataclass (:class:`PeftConfig`), a layer record and
+an adapter (:class:`BaseAdapter`) applied to a built model. Every method
+uses the same target grammar (:mod:`.targets`), the same activation
+checkpointing switch (:mod:`.checkpointing`) and the same class-swap
+mechanism (:mod:`.swap`); delta files (:mod:`.delta`) work from the
+contract alone. Methods: :mod:`.apla` (APLA) and :mod:`.lora` (LoRA). The
+mmengine hooks in :mod:`apla_mm.engine.hooks` drive them.
 """
 from .apla import (APLAAdapter, APLAConfig, APLALayer, load_index_file,
                    random_channels)
+from .base import (META_KEY, AdaptedLayer, BaseAdapter, PeftConfig,
+                   adapter_class)
 from .lora import LoRAAdapter, LoRAConfig, LoRALayer
 from .optim import rebind_optimizer
 from .report import count_parameters, format_report
-from .targets import (ATTN_OUT_PATTERNS, ATTN_QKV_PATTERNS,
-                      TargetNotFoundError, find_modules)
+from .targets import (ATTN_OUT_PATTERNS, ATTN_QKV_PATTERNS, TARGET_SHORTCUTS,
+                      TargetNotFoundError, find_modules, find_targets)
 
 __all__ = [
     'APLAAdapter', 'APLAConfig', 'APLALayer', 'ATTN_OUT_PATTERNS',
-    'ATTN_QKV_PATTERNS', 'LoRAAdapter', 'LoRAConfig', 'LoRALayer',
-    'TargetNotFoundError', 'count_parameters',
-    'find_modules', 'format_report', 'load_index_file', 'random_channels',
-    'rebind_optimizer'
+    'ATTN_QKV_PATTERNS', 'AdaptedLayer', 'BaseAdapter', 'LoRAAdapter',
+    'LoRAConfig', 'LoRALayer', 'META_KEY', 'PeftConfig', 'TARGET_SHORTCUTS',
+    'TargetNotFoundError', 'adapter_class', 'count_parameters',
+    'find_modules', 'find_targets', 'format_report', 'load_index_file',
+    'random_channels', 'rebind_optimizer'
 ]

@@ -9,22 +9,25 @@ writes it back into a full state dict of the base model. LoRA runs are
 handled alike: the delta holds the factors ``A``, ``B``, and merging adds
 ``alpha / r * B @ A`` to the base weights.
 
+Nothing here depends on the method: what a delta holds and how it merges
+comes from the method's adapter class (:func:`~apla_mm.peft.base.
+adapter_class` of ``meta['method']``: ``delta_entries``, ``new_entries``,
+``base_entries``, ``merge_delta_``).
+
 The delta also stores a fingerprint of everything it does *not* contain, as
 found in the trained checkpoint. Merging checks that the base model has the
 same fingerprint, so a delta cannot silently be applied to other pretrained
 weights than the ones it was trained from.
 """
 import hashlib
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Iterable, List, Optional
 
 import torch
 
 from apla_mm.version import __version__
+from .base import META_KEY, StateDict, adapter_class
 
 DELTA_FORMAT = 1
-META_KEY = 'apla_mm'
-
-StateDict = Dict[str, torch.Tensor]
 
 
 class DeltaMismatchError(ValueError):
@@ -36,7 +39,7 @@ def _in_modules(name: str, prefixes: Iterable[str]) -> bool:
 
 
 def _row_mask(out_features: int, index: Optional[List[int]]) -> torch.Tensor:
-    """True for rows the delta replaces (all rows for rank 'full')."""
+    """True for rows the delta replaces (all rows for ``None``)."""
     mask = torch.zeros(out_features, dtype=torch.bool)
     if index is None:
         mask[:] = True
@@ -45,43 +48,26 @@ def _row_mask(out_features: int, index: Optional[List[int]]) -> torch.Tensor:
     return mask
 
 
-def _is_lora_factor(key: str) -> bool:
-    return key.endswith(('.lora_A', '.lora_B'))
-
-
-def _adapted_entries(meta: dict) -> Dict[str, Tuple[str, Optional[list]]]:
-    """``state-dict key -> (layer name, row index or None)`` of the APLA
-    entries (empty for other methods)."""
-    out = {}
-    if meta.get('method') != 'apla':
-        return out
-    for layer, info in meta['layers'].items():
-        out[layer + '.weight'] = (layer, info['index'])
-        if info.get('has_bias', True):
-            out[layer + '.bias'] = (layer, info['index'])
-    return out
-
-
 def base_fingerprint(state_dict: StateDict, meta: dict) -> str:
     """SHA-256 of every frozen entry the delta does not replace.
 
     Covers all tensors under ``meta['frozen_modules']`` byte for byte,
-    excluding the trained rows of the adapted projections.
+    excluding the method's new entries (LoRA's factors) and the trained rows
+    of its delta entries (APLA's rows of W_O).
     """
-    adapted = _adapted_entries(meta)
+    method = adapter_class(meta.get('method'))
+    replaced = method.delta_entries(meta)
+    new = set(method.new_entries(meta))
     digest = hashlib.sha256()
     for key in sorted(state_dict):
-        if not _in_modules(key, meta['frozen_modules']) \
-                or _is_lora_factor(key):
+        if not _in_modules(key, meta['frozen_modules']) or key in new:
             continue
         value = state_dict[key]
         if not isinstance(value, torch.Tensor):
             continue
         value = value.detach().cpu()
-        if key in adapted:
-            layer, index = adapted[key]
-            keep = ~_row_mask(value.shape[0], index)
-            value = value[keep]
+        if key in replaced:
+            value = value[~_row_mask(value.shape[0], replaced[key])]
         digest.update(key.encode())
         digest.update(str(tuple(value.shape)).encode())
         digest.update(str(value.dtype).encode())
@@ -102,8 +88,12 @@ def read_meta(checkpoint: dict) -> dict:
     return meta
 
 
+def _index(rows: List[int]) -> torch.Tensor:
+    return torch.as_tensor(rows, dtype=torch.long)
+
+
 def export_delta(checkpoint: dict) -> dict:
-    """Extract the trained tensors of an APLA or LoRA checkpoint.
+    """Extract the trained tensors of a PEFT checkpoint (APLA, LoRA).
 
     Args:
         checkpoint (dict): An mmengine checkpoint (``meta``, ``state_dict``)
@@ -112,9 +102,10 @@ def export_delta(checkpoint: dict) -> dict:
 
     Returns:
         dict: ``{'meta': ..., 'state_dict': ...}`` where the state dict holds
-        the selected rows of every adapted weight/bias (``r x in`` and
-        ``r``; full tensors for ``rank='full'``) under the original key, or
-        the LoRA factors, and every entry outside the frozen modules.
+        the method's trained entries inside the frozen modules (APLA: the
+        selected rows of every adapted weight/bias, ``r x in`` and ``r``,
+        full tensors for ``rank='full'``, under the original key; LoRA: the
+        factors) and every entry outside the frozen modules.
     """
     if isinstance(checkpoint, dict) and 'base_fingerprint' in checkpoint.get(
             'meta', {}):
@@ -126,28 +117,23 @@ def export_delta(checkpoint: dict) -> dict:
             'merged.pth, or export from the full checkpoint of the run '
             '(work_dirs/<run>/iter_N.pth).')
     meta = read_meta(checkpoint)
-    if meta.get('method') not in ('apla', 'lora'):
-        raise ValueError(f"export_delta handles APLA and LoRA checkpoints, "
-                         f"got method {meta.get('method')!r}")
+    try:
+        method = adapter_class(meta.get('method'))
+    except ValueError as e:
+        raise ValueError(f'export_delta handles the PEFT methods\' '
+                         f'checkpoints: {e}') from e
     state = checkpoint['state_dict']
-    adapted = _adapted_entries(meta)
+    replaced = method.delta_entries(meta)
+    new = set(method.new_entries(meta))
     delta: StateDict = {}
     for key, value in state.items():
-        if key in adapted:
-            _, index = adapted[key]
-            delta[key] = (value.clone() if index is None else
-                          value.index_select(
-                              0, torch.as_tensor(index, dtype=torch.long)))
-        elif _is_lora_factor(key) or not _in_modules(
-                key, meta['frozen_modules']):
+        if key in replaced:
+            rows = replaced[key]
+            delta[key] = (value.clone() if rows is None else
+                          value.index_select(0, _index(rows)))
+        elif key in new or not _in_modules(key, meta['frozen_modules']):
             delta[key] = value.clone()
-    missing = [k for k in adapted if k not in state]
-    if meta['method'] == 'lora':
-        missing += [
-            f'{name}.{factor}' for name in meta['layers']
-            for factor in ('lora_A', 'lora_B')
-            if f'{name}.{factor}' not in state
-        ]
+    missing = [k for k in list(replaced) + sorted(new) if k not in state]
     if missing:
         raise KeyError(f'checkpoint lacks adapted entries {missing[:3]}')
     return dict(
@@ -180,13 +166,8 @@ def merge_delta(base_state: StateDict,
                          f'{DELTA_FORMAT}); create one with '
                          'tools/export_delta.py')
     meta = delta['meta'][META_KEY]
-    adapted = _adapted_entries(meta)
-    missing = [k for k in adapted if k not in base_state]
-    if meta['method'] == 'lora':
-        missing += [
-            f'{name}.{info["param"]}' for name, info in meta['layers'].items()
-            if f'{name}.{info["param"]}' not in base_state
-        ]
+    method = adapter_class(meta.get('method'))
+    missing = [k for k in method.base_entries(meta) if k not in base_state]
     if missing:
         raise DeltaMismatchError(
             f'the base model has no {missing[0]!r} (and {len(missing) - 1} '
@@ -200,29 +181,18 @@ def merge_delta(base_state: StateDict,
                 'pretrained weights (the model as initialised for training), '
                 'or pass check_fingerprint=False / --no-check if you know '
                 'what you are doing.')
-    merged = {
-        k: v.clone()
-        for k, v in base_state.items() if not _is_lora_factor(k)
-    }
-    if meta['method'] == 'lora':
-        scale = meta['config']['alpha'] / meta['config']['rank']
-        for name, info in meta['layers'].items():
-            key = f'{name}.{info["param"]}'
-            a = delta['state_dict'][f'{name}.lora_A'].float()
-            b = delta['state_dict'][f'{name}.lora_B'].float()
-            merged[key] = merged[key] + (b @ a * scale).to(merged[key].dtype)
+    replaced = method.delta_entries(meta)
+    new = set(method.new_entries(meta))
+    merged = {k: v.clone() for k, v in base_state.items() if k not in new}
+    method.merge_delta_(merged, delta['state_dict'], meta)
     for key, value in delta['state_dict'].items():
-        if _is_lora_factor(key):
+        if key in new:
             continue
-        if key in adapted:
-            _, index = adapted[key]
-            if index is None:
-                merged[key] = value.clone()
-            else:
-                target = merged[key]
-                merged[key] = target.index_copy(
-                    0, torch.as_tensor(index, dtype=torch.long),
-                    value.to(target.dtype))
-        else:
+        rows = replaced.get(key)
+        if rows is None:
             merged[key] = value.clone()
+        else:
+            target = merged[key]
+            merged[key] = target.index_copy(0, _index(rows),
+                                            value.to(target.dtype))
     return merged

@@ -5,7 +5,7 @@ from typing import Optional, Sequence, Union
 from mmengine.dist import is_main_process
 from mmengine.logging import print_log
 
-from apla_mm.peft.apla import APLAAdapter, APLAConfig, Rank
+from apla_mm.peft.apla import APLAConfig, Rank
 from apla_mm.registry import HOOKS
 from ..runner_utils import check_same_on_all_ranks
 from .peft_hook import BasePEFTHook
@@ -99,17 +99,6 @@ class APLAHook(BasePEFTHook):
             with_cp=with_cp)
         self.save_index_file = save_index_file
 
-    def build_adapter(self, model) -> APLAAdapter:
-        """Apply APLA to a model (also usable outside a Runner, e.g. for
-        benchmarks: train the model's trainable parameters and call
-        ``adapter.attach_optimizer(optimizer)``)."""
-        return APLAAdapter(model, self.config)
-
-    def bind_optim_wrapper(self, optim_wrapper) -> None:
-        # The adapter keeps W_O in step with its rows after every real
-        # optimizer step, whichever wrapper drives the optimizer.
-        self.adapter.attach_optimizer(optim_wrapper.optimizer)
-
     def before_train(self, runner) -> None:
         adapter = self.adapter
         if adapter is None:
@@ -120,42 +109,10 @@ class APLAHook(BasePEFTHook):
                                     'The APLA channel selection')
         else:
             # The weights were (re)initialised or loaded after before_run.
-            adapter.refresh_rows_()
+            adapter.refresh_()
         if self.save_index_file and not self.config.full:
             # Only now: a --resume with other settings was refused before.
             self._write_indices(runner)
-
-    def check_resume(self, meta: dict) -> None:
-        saved = meta['config']
-        current = self.config.to_dict()
-        problems = []
-        for key in ('rank', 'seed', 'selection', 'targets', 'frozen_modules'):
-            if key == 'seed' and (current['index_file']
-                                  or current['selection'] == 'norm'):
-                continue
-            if saved.get(key) != current[key]:
-                problems.append(f'{key}: checkpoint {saved.get(key)!r}, '
-                                f'config {current[key]!r}')
-        layers = [layer.name for layer in self.adapter.layers]
-        if sorted(meta['layers']) != sorted(layers):
-            problems.append('adapted layers differ')
-        if not problems and not self.config.full \
-                and not self.adapter.needs_selection:
-            current_indices = self.adapter.indices()
-            if any(meta['layers'][n]['index'] != current_indices[n]
-                   for n in layers):
-                problems.append('selected channels differ (index_file?)')
-        if problems:
-            raise ValueError(
-                'The checkpoint being resumed was trained with different APLA '
-                'settings: ' + '; '.join(problems) + '. Resume with the '
-                "checkpoint's settings, or start a new run from its weights "
-                'with `load_from` instead of --resume.')
-        if not self.config.full:
-            # Restore the checkpoint's channels (before its weights load).
-            self.adapter.set_indices(
-                {name: info['index']
-                 for name, info in meta['layers'].items()})
 
     def summary_title(self) -> str:
         adapter = self.adapter

@@ -3,7 +3,7 @@ from typing import Sequence, Union
 
 from mmengine.logging import print_log
 
-from apla_mm.peft.lora import LoRAAdapter, LoRAConfig
+from apla_mm.peft.lora import LoRAConfig
 from apla_mm.registry import HOOKS
 from ..runner_utils import is_training
 from .peft_hook import BasePEFTHook
@@ -40,6 +40,8 @@ class LoRAHook(BasePEFTHook):
         dropout (float): Dropout on the LoRA input. Defaults to 0.
         frozen_modules (Sequence[str]): Top-level modules frozen apart from
             the factors. Defaults to ``('backbone',)``.
+        with_cp (bool): Recompute the adapted transformer blocks in backward
+            (:mod:`apla_mm.peft.checkpointing`). Defaults to False.
     """
 
     method = 'lora'
@@ -51,19 +53,17 @@ class LoRAHook(BasePEFTHook):
                  alpha: float = 16.0,
                  targets: Union[str, Sequence[str]] = ('qkv', 'proj'),
                  dropout: float = 0.0,
-                 frozen_modules: Sequence[str] = ('backbone', )) -> None:
+                 frozen_modules: Sequence[str] = ('backbone', ),
+                 with_cp: bool = False) -> None:
         super().__init__()
         self.config = LoRAConfig(
             rank=rank,
             alpha=alpha,
             targets=targets,
             dropout=dropout,
-            frozen_modules=tuple(frozen_modules))
+            frozen_modules=tuple(frozen_modules),
+            with_cp=with_cp)
         self._merged = False
-
-    def build_adapter(self, model) -> LoRAAdapter:
-        """Apply LoRA to ``model`` (also usable outside a Runner)."""
-        return LoRAAdapter(model, self.config)
 
     def summary_title(self) -> str:
         adapter = self.adapter

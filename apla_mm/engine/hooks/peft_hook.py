@@ -1,16 +1,17 @@
 """What every PEFT hook does to the Runner, whichever the method."""
+from typing import Optional
+
 import torch
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 
+from apla_mm.peft.base import META_KEY, BaseAdapter
 from apla_mm.peft.optim import rebind_optimizer
 from apla_mm.peft.report import count_parameters, format_report
 from apla_mm.peft.utils import unwrap_model
 from apla_mm.utils.load_guard import (PretrainedLoadRecorder,
                                       check_frozen_pretrained)
 from ..runner_utils import check_same_on_all_ranks, is_training, rewrap_ddp
-
-META_KEY = 'apla_mm'
 
 
 class BasePEFTHook(Hook):
@@ -48,7 +49,10 @@ class BasePEFTHook(Hook):
     checkpoint and, on ``--resume``, refuses a checkpoint trained with other
     settings (:meth:`check_resume`).
 
-    Subclasses set :attr:`method` and implement :meth:`build_adapter`.
+    The hook is glue: what the method does lives in its adapter
+    (:class:`~apla_mm.peft.base.BaseAdapter`). Subclasses set :attr:`method`
+    and :attr:`config` (the method's :class:`~apla_mm.peft.base.PeftConfig`)
+    and may override :meth:`build_adapter` and :meth:`summary_title`.
     """
 
     priority = 'VERY_HIGH'
@@ -66,13 +70,17 @@ class BasePEFTHook(Hook):
     allow_partial_pretrained: tuple = ()
 
     def __init__(self) -> None:
-        self.adapter = None
+        self.adapter: Optional[BaseAdapter] = None
         self._restored = False
 
-    # -- to implement --------------------------------------------------
-    def build_adapter(self, model):
-        """Apply the method to ``model`` (in place) and return the adapter."""
-        raise NotImplementedError
+    # -- what a method may override ------------------------------------
+    def build_adapter(self, model) -> BaseAdapter:
+        """Apply the method to ``model`` (in place) and return the adapter
+        (also usable outside a Runner, e.g. for benchmarks: train the
+        model's trainable parameters and call
+        ``adapter.attach_optimizer(optimizer)``)."""
+        from apla_mm.peft.base import adapter_class
+        return adapter_class(self.method)(model, self.config)
 
     def check_optim_wrapper(self, optim_wrapper) -> None:
         """Raise if the optimizer wrapper cannot train this method.
@@ -93,17 +101,22 @@ class BasePEFTHook(Hook):
                 '...) for a PEFT run.')
 
     def bind_optim_wrapper(self, optim_wrapper) -> None:
-        """Connect the adapter to the optimizer (e.g. a step post-hook)."""
+        """Connect the adapter to the optimizer: it installs what keeps the
+        weights consistent (APLA: a step post-hook copying its rows into
+        W_O), whichever wrapper drives the optimizer."""
+        self.adapter.attach_optimizer(optim_wrapper.optimizer)
 
     def check_resume(self, meta: dict) -> None:
-        """Raise unless a checkpoint's meta matches the current settings."""
-        if meta.get('config') != self.adapter.meta()['config']:
+        """Raise unless a checkpoint's meta matches the current settings;
+        then let the adapter take over what the checkpoint decided."""
+        problems = self.adapter.resume_problems(meta)
+        if problems:
             raise ValueError(
                 f'The checkpoint being resumed was trained with other '
-                f'{self.method} settings ({meta.get("config")}) than the '
-                f'config ({self.adapter.meta()["config"]}). Resume with the '
-                "checkpoint's settings, or start a new run from its weights "
-                'with `load_from` instead of --resume.')
+                f'{self.method} settings: ' + '; '.join(problems) + '. '
+                "Resume with the checkpoint's settings, or start a new run "
+                'from its weights with `load_from` instead of --resume.')
+        self.adapter.restore_(meta)
 
     def summary_title(self) -> str:
         return f'{self.method}: {self.adapter.num_trainable():,} trainable ' \
