@@ -13,66 +13,31 @@ CONFIG is a config file (any method of it; the planner starts from its
 full fine-tuning form) or a preset task/model (seg/vit-b16, seg/vit-l16,
 seg/dinov2-g14, backbone/vit-b16, ...).
 """
-import argparse
 import json
 import os.path as osp
 import sys
 import warnings
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+warnings.filterwarnings('ignore')  # before apla_mm's imports
+
+from apla_mm.benchmark.cli import (comma_list, plan_parser,  # noqa: E402
+                                   quiet)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description='APLA / full fine-tuning settings that fit in a memory '
-        'budget (apla_mm, exact abstract account)',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('config', help='config file or preset task/model')
-    p.add_argument('--memory', required=True,
-                   help='GPU memory, e.g. 24GB (GB = GiB = 2^30 bytes)')
-    p.add_argument('--precision', default='fp32',
-                   choices=['fp32', 'bf16', 'fp16'],
-                   help='float32 or autocast dtype')
-    p.add_argument('--batch', type=int, default=2,
-                   help='images per step (per GPU) the answer is for')
-    p.add_argument('--batches', default='1,2,4,8,16,32',
-                   help='batch sizes tried for the largest that fits')
-    p.add_argument('--ranks', default='16,64,256', help='APLA ranks')
-    p.add_argument('--ladder', default='none,cp,cp+lean,cp+lean+heads,all',
-                   help='comma-separated option sets tried, from the '
-                   'fastest to the leanest (none: stock; options: cp, '
-                   'lean, heads, lp, sdpa, all)')
-    p.add_argument('--reserve', default='1GB',
-                   help='memory kept free for what the account does not '
-                   'hold (allocator slack, workspaces, CUDA context)')
-    p.add_argument('--size', type=int,
-                   help='input size (default: the config\'s)')
-    p.add_argument('--sdpa', default='auto',
-                   choices=['auto', 'math', 'flash-cpu', 'flash',
-                            'efficient', 'cudnn'],
-                   help='attention kernel of the target device (GPU: '
-                   'flash for bf16/fp16, efficient for fp32)')
-    p.add_argument('--cache-dir', default='work_dirs/plan_cache',
-                   help='account cache ("" to disable)')
-    p.add_argument('--json', help='also write the plan as JSON here')
-    return p.parse_args(argv)
+    return plan_parser().parse_args(argv)
 
 
 def _ints(text):
-    return [int(x) for x in text.split(',') if x.strip()]
+    return [int(x) for x in comma_list(text)]
 
 
 def main(argv=None):
     args = parse_args(argv)
-    warnings.filterwarnings('ignore')
-    import logging
-
-    from mmengine.logging import MMLogger
-
-    import apla_mm  # noqa: F401
+    quiet()
     from apla_mm.benchmark.planner import (PlanOptions, format_plan, plan,
                                            parse_memory)
-    MMLogger.get_current_instance().setLevel(logging.WARNING)
     opts = PlanOptions(
         source=args.config,
         memory=parse_memory(args.memory),
@@ -85,7 +50,7 @@ def main(argv=None):
         sdpa=args.sdpa,
         cache_dir=args.cache_dir or None,
         ladder=[() if step == 'none' else tuple(step.split('+'))
-                for step in args.ladder.split(',') if step.strip()])
+                for step in comma_list(args.ladder)])
     result = plan(opts)
     print(format_plan(result))
     if args.json:

@@ -56,6 +56,8 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .module_stack import ModuleStack
+
 __all__ = [
     'AbstractCompute', 'DataDependentFallback', 'fake_parameters',
     'is_fake', 'new_fake_mode'
@@ -256,33 +258,21 @@ class AbstractCompute:
         self._names = ({id(m): n or '(model)'
                         for n, m in model.named_modules()}
                        if model is not None else {})
-        self._modules: List[nn.Module] = []
+        self._modules = ModuleStack()
         self.substitutions: List[dict] = []
         self._stack: Optional[contextlib.ExitStack] = None
         self._fallback: Optional[DataDependentFallback] = None
 
     def _where(self) -> str:
-        for module in reversed(self._modules):
+        for module in reversed(self._modules.modules):
             name = self._names.get(id(module))
             if name is not None:
                 return name
         return '(outside modules)'
 
     def __enter__(self) -> 'AbstractCompute':
-        from torch.nn.modules.module import (register_module_forward_hook,
-                                             register_module_forward_pre_hook)
         self._stack = contextlib.ExitStack()
-
-        def pre(module, args):
-            self._modules.append(module)
-
-        def post(module, args, output):
-            if self._modules and self._modules[-1] is module:
-                self._modules.pop()
-
-        self._stack.callback(register_module_forward_pre_hook(pre).remove)
-        self._stack.callback(
-            register_module_forward_hook(post, always_call=True).remove)
+        self._stack.enter_context(self._modules)
         self._stack.enter_context(self.mode)
         self._fallback = DataDependentFallback(self._where)
         self._stack.enter_context(self._fallback)
@@ -292,5 +282,4 @@ class AbstractCompute:
         stack, fallback = self._stack, self._fallback
         self._stack = self._fallback = None
         stack.close()
-        self._modules = []
         self.substitutions.extend(fallback.substitutions)

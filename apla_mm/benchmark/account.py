@@ -61,6 +61,7 @@ from torch.overrides import TorchFunctionMode
 
 from .abstract import is_fake
 from .checkpoint_probe import region_packs
+from .module_stack import ModuleStack
 
 MB = 2**20
 
@@ -197,7 +198,7 @@ class SavedTensorRecorder:
         self._records: List[_Record] = []
         self._regions: Dict[int, int] = {}
         self._names = {id(m): n for n, m in model.named_modules()}
-        self._stack: List[nn.Module] = []
+        self._modules = ModuleStack()
         self._fn = _FunctionName() if attribute else None
         self._exit = contextlib.ExitStack()
 
@@ -205,7 +206,7 @@ class SavedTensorRecorder:
     def _where(self) -> Tuple[str, str, str]:
         if not self.attribute:
             return '', '', ''
-        module = self._stack[-1] if self._stack else None
+        module = self._modules.current
         name = self._names.get(id(module), '?') if module is not None \
             else '(outside modules)'
         mtype = type(module).__name__ if module is not None else ''
@@ -233,20 +234,7 @@ class SavedTensorRecorder:
 
     def __enter__(self) -> 'SavedTensorRecorder':
         if self.attribute:
-            from torch.nn.modules.module import (
-                register_module_forward_hook,
-                register_module_forward_pre_hook)
-
-            def pre(module, args):
-                self._stack.append(module)
-
-            def post(module, args, output):
-                if self._stack and self._stack[-1] is module:
-                    self._stack.pop()
-
-            self._exit.callback(register_module_forward_pre_hook(pre).remove)
-            self._exit.callback(
-                register_module_forward_hook(post, always_call=True).remove)
+            self._exit.enter_context(self._modules)
             self._exit.enter_context(self._fn)
         self._exit.enter_context(region_packs(self._region_pack))
         self._exit.enter_context(
@@ -259,7 +247,6 @@ class SavedTensorRecorder:
         if exc[0] is None:
             self.result = self._summarise()
         self._records = []
-        self._stack = []
 
     # -- counting ------------------------------------------------------------
     def _summarise(self) -> SavedAccount:

@@ -23,6 +23,18 @@ TASKS = ('seg', 'det', 'backbone')
 
 _FT = 'configs/finetune/'
 _META = 'configs/meta_adapter/'
+_UPERNET_B16 = _FT + 'upernet_timm-vit-b16_mln_8xb2-160k_ade20k-512x512.py'
+
+#: Default methods of the tiny presets (``meta`` added for seg and det).
+_TINY_METHODS = ('full', 'frozen', 'apla-r8', 'apla-r16', 'apla-r32',
+                 'apla-full', 'apla-r16-cp', 'lora-r8')
+#: Default methods of the ViT-B/16 presets (LoRA ranks and ``meta`` added
+#: per preset).
+_B16_METHODS = ('full', 'frozen', 'apla-r16', 'apla-r64', 'apla-r256',
+                'apla-full', 'apla-r64-cp')
+#: Default methods of the larger ViTs (memory only, abstract account).
+_LARGE_METHODS = ('full', 'full+all', 'frozen', 'apla-r64', 'apla-r64+cp',
+                  'apla-r64+all', 'lora-r16')
 
 #: (task, model) -> preset: base config (full fine-tuning), META config,
 #: default input size and batch, default methods.
@@ -32,10 +44,9 @@ PRESETS: Dict[Tuple[str, str], dict] = {
         meta=_META + 'meta-adapter_upernet_timm-vit-tiny_1xb8-600it_toyseg'
         '-64x64.py',
         size=64, batch=2,
-        methods=('full', 'frozen', 'apla-r8', 'apla-r16', 'apla-r32',
-                 'apla-full', 'apla-r16-cp', 'lora-r8', 'meta')),
+        methods=_TINY_METHODS + ('meta', )),
     ('seg', 'vit-b16'): dict(
-        base=_FT + 'upernet_timm-vit-b16_mln_8xb2-160k_ade20k-512x512.py',
+        base=_UPERNET_B16,
         meta=_META + 'meta-adapter_upernet_timm-vit-b16_8xb2-160k_ade20k'
         '-512x512.py',
         size=512, batch=2,
@@ -46,20 +57,18 @@ PRESETS: Dict[Tuple[str, str], dict] = {
     # the backbone's; decode/aux head channels as in the ViT-B config);
     # memory only, by the abstract account (fake tensors)
     ('seg', 'vit-l16'): dict(
-        base=_FT + 'upernet_timm-vit-b16_mln_8xb2-160k_ade20k-512x512.py',
+        base=_UPERNET_B16,
         vit=dict(model_name='vit_large_patch16_224', embed_dim=1024,
                  out_indices=(5, 11, 17, 23)),
         size=512, batch=2,
-        methods=('full', 'full+all', 'frozen', 'apla-r64', 'apla-r64+cp',
-                 'apla-r64+all', 'lora-r16')),
+        methods=_LARGE_METHODS),
     # DINOv2-g/14: 512x512 crops padded to 518x518 (37 x 37 patches of 14)
     ('seg', 'dinov2-g14'): dict(
-        base=_FT + 'upernet_timm-vit-b16_mln_8xb2-160k_ade20k-512x512.py',
+        base=_UPERNET_B16,
         vit=dict(model_name='vit_giant_patch14_dinov2', embed_dim=1536,
                  out_indices=(9, 19, 29, 39)),
         size=518, batch=2, crop=512,
-        methods=('full', 'full+all', 'frozen', 'apla-r64', 'apla-r64+cp',
-                 'apla-r64+all', 'lora-r16')),
+        methods=_LARGE_METHODS),
     # mmseg's own VisionTransformer (nn.MultiheadAttention) instead of timm
     ('seg', 'tiny-mmseg'): dict(
         base=_FT + 'upernet_vit-tiny_mln_1xb8-600it_toyseg-64x64.py',
@@ -69,36 +78,31 @@ PRESETS: Dict[Tuple[str, str], dict] = {
     ('seg', 'vit-b16-mmseg'): dict(
         base=_FT + 'upernet_vit-b16_mln_8xb2-160k_ade20k-512x512.py',
         size=512, batch=2,
-        methods=('full', 'frozen', 'apla-r16', 'apla-r64', 'apla-r256',
-                 'apla-full', 'apla-r64-cp', 'lora-r16')),
+        methods=_B16_METHODS + ('lora-r16', )),
     ('det', 'tiny'): dict(
         base=_FT + 'mask-rcnn_timm-vit-tiny_simple-fpn_1xb8-200it_toycoco'
         '-128x128.py',
         meta=_META + 'meta-adapter_mask-rcnn_timm-vit-tiny_fpn_1xb8-200it_'
         'toycoco-128x128.py',
         size=128, batch=2,
-        methods=('full', 'frozen', 'apla-r8', 'apla-r16', 'apla-r32',
-                 'apla-full', 'apla-r16-cp', 'lora-r8', 'meta')),
+        methods=_TINY_METHODS + ('meta', )),
     ('det', 'vit-b16'): dict(
         base=_FT + 'mask-rcnn_timm-vit-b16_simple-fpn_8xb2-lsj-1x_coco.py',
         meta=_META + 'meta-adapter_mask-rcnn_timm-vit-b16_fpn_8xb2-lsj-1x_'
         'coco.py',
         size=512, batch=1,
-        methods=('full', 'frozen', 'apla-r16', 'apla-r64', 'apla-r256',
-                 'apla-full', 'apla-r64-cp', 'lora-r8', 'lora-r16', 'meta')),
+        methods=_B16_METHODS + ('lora-r8', 'lora-r16', 'meta')),
     ('backbone', 'tiny'): dict(
         classifier=dict(
             model_name='vit_base_patch16_224', num_classes=10,
             model_kwargs=dict(patch_size=8, embed_dim=64, depth=4,
                               num_heads=2)),
         size=64, batch=8,
-        methods=('full', 'frozen', 'apla-r8', 'apla-r16', 'apla-r32',
-                 'apla-full', 'apla-r16-cp', 'lora-r8')),
+        methods=_TINY_METHODS),
     ('backbone', 'vit-b16'): dict(
         classifier=dict(model_name='vit_base_patch16_224', num_classes=1000),
         size=224, batch=8,
-        methods=('full', 'frozen', 'apla-r16', 'apla-r64', 'apla-r256',
-                 'apla-full', 'apla-r64-cp', 'lora-r8', 'lora-r16')),
+        methods=_B16_METHODS + ('lora-r8', 'lora-r16')),
 }
 
 

@@ -2,7 +2,7 @@
 import json
 import os
 import os.path as osp
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 MB = 2**20
 
@@ -75,6 +75,20 @@ def precision_table(results: dict, precision: str) -> List[str]:
     return lines
 
 
+def _section(lines: List[str], heading: Optional[str], intro: str,
+             columns: Sequence[str]) -> None:
+    """Append a blank line, a ``##`` heading (if any), an intro paragraph
+    and the header of a table with ``columns``."""
+    lines.append('')
+    if heading:
+        lines.append(f'## {heading}')
+        lines.append('')
+    lines.append(intro)
+    lines.append('')
+    lines.append('| ' + ' | '.join(columns) + ' |')
+    lines.append('|' + '---|' * len(columns))
+
+
 def markdown(results: dict, title: Optional[str] = None) -> str:
     """The results as markdown tables (parameters/memory, time, and where
     the saved activations go)."""
@@ -94,25 +108,19 @@ def markdown(results: dict, title: Optional[str] = None) -> str:
         f"ratios (x ref) relative to `{ref}`; {meta['date']}, "
         f"mmseg {meta['versions']['mmseg']}, mmdet "
         f"{meta['versions']['mmdet']}, timm {meta['versions']['timm']}.")
-    lines.append('')
-    lines.append('## Parameters and training memory, '
-                 + PRECISION_NAMES.get(meta.get('precision', 'fp32'),
-                                       'float32'))
-    lines.append('')
-    lines.append(
+    _section(
+        lines, 'Parameters and training memory, '
+        + PRECISION_NAMES.get(meta.get('precision', 'fp32'), 'float32'),
         'Exact account of one training step in MB (2^20 bytes): weights + '
         'gradients + AdamW state + tensors saved for backward (+ the '
         'largest recomputed region with activation checkpointing). '
         '"Peak (measured)": a fresh process per method, increment of the '
         'peak resident set size (GPU: `max_memory_allocated`) over the '
         'process after a discarded warm round (imports, thread pools, '
-        'caches); it adds allocator slack and temporaries to the account.')
-    lines.append('')
-    lines.append(
-        '| Method | Trainable | Trainable % | Total params | Delta file '
-        '(MB) | Weights | Grads | AdamW state | Saved act. | Recompute | '
-        '**Total** | x ref | Peak (measured) | x ref |')
-    lines.append('|' + '---|' * 14)
+        'caches); it adds allocator slack and temporaries to the account.',
+        ('Method', 'Trainable', 'Trainable %', 'Total params',
+         'Delta file (MB)', 'Weights', 'Grads', 'AdamW state', 'Saved act.',
+         'Recompute', '**Total**', 'x ref', 'Peak (measured)', 'x ref'))
     for r in methods:
         p, m, q = r['params'], r['memory'], r['ratios']
         peak = r.get('peak', {}).get('increment')
@@ -144,15 +152,12 @@ def markdown(results: dict, title: Optional[str] = None) -> str:
         lines.append('')
         lines.extend(precision_table(results, precision))
     if any('abstract_check' in r for r in methods):
-        lines.append('')
-        lines.append('## Abstract account vs real account')
-        lines.append('')
-        lines.append('The same account on fake tensors (no arithmetic, no '
-                     'weights allocated): total and relative difference.')
-        lines.append('')
-        lines.append('| Method | Precision | Real (MB) | Abstract (MB) | '
-                     'Difference | Components that differ |')
-        lines.append('|' + '---|' * 6)
+        _section(
+            lines, 'Abstract account vs real account',
+            'The same account on fake tensors (no arithmetic, no weights '
+            'allocated): total and relative difference.',
+            ('Method', 'Precision', 'Real (MB)', 'Abstract (MB)',
+             'Difference', 'Components that differ'))
         for r in methods:
             for p, c in r.get('abstract_check', {}).items():
                 lines.append(
@@ -172,19 +177,15 @@ def markdown(results: dict, title: Optional[str] = None) -> str:
                 f"`{g['op']}` in `{g['where']}` ({g['assumption']})"
                 for _, _, gs in subs for g in gs})) + '.')
     if any('train_time' in r for r in methods):
-        lines.append('')
-        lines.append('## Time')
-        lines.append('')
-        lines.append(
+        _section(
+            lines, 'Time',
             'Training step = zero_grad + forward + backward + AdamW step '
             '(+ APLA row sync); inference = eval-mode forward under '
             '`torch.no_grad()` of the trained model (LoRA merged), relative '
             f"to the base model (`{meta.get('inference_base')}`). Median "
-            '[quartiles] (min-max).')
-        lines.append('')
-        lines.append('| Method | Train step | [Q1, Q3] | min-max | x ref | '
-                     'Inference | [Q1, Q3] | x base |')
-        lines.append('|' + '---|' * 8)
+            '[quartiles] (min-max).',
+            ('Method', 'Train step', '[Q1, Q3]', 'min-max', 'x ref',
+             'Inference', '[Q1, Q3]', 'x base'))
         for r in methods:
             t, i, q = r['train_time'], r['infer_time'], r['ratios']
             lines.append(
@@ -221,29 +222,19 @@ def markdown(results: dict, title: Optional[str] = None) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def chart(results: dict, path: str, title: Optional[str] = None) -> None:
-    """PNG: exact memory by component (measured peak as a marker), training
-    step time and inference time per method."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+#: The memory account's components in the chart: key, legend, colour.
+_COMPONENTS = (('weights', 'weights', '#9e9e9e'),
+               ('grads', 'grads', '#ef8a62'),
+               ('optimizer', 'AdamW state', '#f4c542'),
+               ('saved', 'saved activations', '#67a9cf'),
+               ('recompute', 'recompute (ckpt)', '#2166ac'))
 
-    meta, methods = results['meta'], results['methods']
-    labels = [r['label'] for r in methods]
-    y = list(range(len(methods)))[::-1]
-    timed = all('train_time' in r for r in methods)
-    ncols = 3 if timed else 1
-    fig, axes = plt.subplots(
-        1, ncols, figsize=(6.5 * ncols, 1.6 + 0.45 * len(methods)),
-        squeeze=False, sharey=True)
-    ax = axes[0][0]
-    comps = [('weights', 'weights', '#9e9e9e'), ('grads', 'grads',
-                                                  '#ef8a62'),
-             ('optimizer', 'AdamW state', '#f4c542'),
-             ('saved', 'saved activations', '#67a9cf'),
-             ('recompute', 'recompute (ckpt)', '#2166ac')]
+
+def _memory_panel(ax, methods: List[dict], y: List[int]) -> None:
+    """Stacked bars of the exact account per method, the measured peak as
+    a diamond, the total as text."""
     left = [0.0] * len(methods)
-    for key, name, color in comps:
+    for key, name, color in _COMPONENTS:
         vals = [r['memory'][key] / MB for r in methods]
         ax.barh(y, vals, left=left, color=color, label=name)
         left = [a + b for a, b in zip(left, vals)]
@@ -257,27 +248,50 @@ def chart(results: dict, path: str, title: Optional[str] = None) -> None:
     for yi, total, x in zip(y, left, right):
         ax.text(x, yi, f'  {total:,.0f}', va='center', fontsize=8)
     ax.set_yticks(y)
-    ax.set_yticklabels(labels)
+    ax.set_yticklabels([r['label'] for r in methods])
     ax.set_xlabel('training memory, MB (exact account; diamond: measured)')
     ax.set_xlim(0, max(right) * 1.2)
-    handles, names = ax.get_legend_handles_labels()
+
+
+def _time_panel(ax, methods: List[dict], y: List[int], key: str,
+                xlabel: str) -> None:
+    """Bars of the median time per method (``key``: ``train_time`` or
+    ``infer_time``) with the interquartile range and the ratio."""
+    med = [r[key]['median'] for r in methods]
+    lo = [r[key]['median'] - r[key]['q1'] for r in methods]
+    hi = [r[key]['q3'] - r[key]['median'] for r in methods]
+    ax.barh(y, med, xerr=[lo, hi], color='#5e9c76', capsize=2)
+    for yi, r, m, h in zip(y, methods, med, hi):
+        ratio = r['ratios'].get(key)
+        ax.text(m + h, yi, f'  {ratio:.2f}x' if ratio else '',
+                va='center', fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_xlim(0, max(m + h for m, h in zip(med, hi)) * 1.25)
+
+
+def chart(results: dict, path: str, title: Optional[str] = None) -> None:
+    """PNG: exact memory by component (measured peak as a marker), training
+    step time and inference time per method."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    meta, methods = results['meta'], results['methods']
+    y = list(range(len(methods)))[::-1]
+    timed = all('train_time' in r for r in methods)
+    ncols = 3 if timed else 1
+    fig, axes = plt.subplots(
+        1, ncols, figsize=(6.5 * ncols, 1.6 + 0.45 * len(methods)),
+        squeeze=False, sharey=True)
+    _memory_panel(axes[0][0], methods, y)
+    handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, loc='lower left', ncol=len(names),
                fontsize=8, frameon=False, bbox_to_anchor=(0.01, 0.0))
     if timed:
-        for ax, key, xlabel in ((axes[0][1], 'train_time',
-                                 'training step, s (median, IQR)'),
-                                (axes[0][2], 'infer_time',
-                                 'inference, s (median, IQR)')):
-            med = [r[key]['median'] for r in methods]
-            lo = [r[key]['median'] - r[key]['q1'] for r in methods]
-            hi = [r[key]['q3'] - r[key]['median'] for r in methods]
-            ax.barh(y, med, xerr=[lo, hi], color='#5e9c76', capsize=2)
-            for yi, r, m, h in zip(y, methods, med, hi):
-                ratio = r['ratios'].get(key)
-                ax.text(m + h, yi, f'  {ratio:.2f}x' if ratio else '',
-                        va='center', fontsize=8)
-            ax.set_xlabel(xlabel)
-            ax.set_xlim(0, max(m + h for m, h in zip(med, hi)) * 1.25)
+        _time_panel(axes[0][1], methods, y, 'train_time',
+                    'training step, s (median, IQR)')
+        _time_panel(axes[0][2], methods, y, 'infer_time',
+                    'inference, s (median, IQR)')
     fig.suptitle((title or 'apla_mm benchmark') + '\n' + settings_line(meta),
                  fontsize=9)
     fig.tight_layout(rect=(0, 0.45 / (1.6 + 0.45 * len(methods)), 1, 1))
