@@ -15,6 +15,7 @@ file is left as it is; an existing output is never overwritten unless
 import argparse
 
 import apla_mm  # noqa: F401  (reads mmengine checkpoints weights-only)
+from apla_mm.peft.base import META_KEY
 from apla_mm.utils.portable_checkpoint import publish_checkpoint
 
 
@@ -26,7 +27,7 @@ def main(argv=None) -> None:
         '--overwrite', action='store_true', help='replace an existing out')
     args = parser.parse_args(argv)
     meta = publish_checkpoint(args.checkpoint, args.out, args.overwrite)
-    method = ((meta or {}).get('apla_mm') or {}).get('method', 'plain model')
+    method = ((meta or {}).get(META_KEY) or {}).get('method', 'plain model')
     print(f'wrote {args.out} (state dict + meta, {method}); stock '
           'tools/test.py opens it with the base config.')
 

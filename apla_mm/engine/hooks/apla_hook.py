@@ -73,7 +73,11 @@ class APLAHook(BasePEFTHook):
         with_cp (bool): Recompute the transformer blocks' activations in
             backward (activation checkpointing): the backbone's activation
             memory drops to one tensor per block, at the cost of a second
-            forward pass of the backbone. Defaults to False.
+            forward pass of the backbone. Non-reentrant, so it also covers
+            the first blocks of a frozen backbone, which the backbones' own
+            reentrant ``with_cp`` skips; setting both is refused (a block
+            would be recomputed twice). See
+            :mod:`apla_mm.peft.checkpointing`. Defaults to False.
     """
 
     method = 'apla'
@@ -88,15 +92,10 @@ class APLAHook(BasePEFTHook):
                  frozen_modules: Sequence[str] = ('backbone', ),
                  save_index_file: bool = True,
                  with_cp: bool = False) -> None:
-        super().__init__()
-        self.config = APLAConfig(
-            rank=rank,
-            seed=seed,
-            targets=targets,
-            selection=selection,
-            index_file=index_file,
-            frozen_modules=tuple(frozen_modules),
-            with_cp=with_cp)
+        super().__init__(
+            APLAConfig(rank=rank, seed=seed, targets=targets,
+                       selection=selection, index_file=index_file,
+                       frozen_modules=frozen_modules, with_cp=with_cp))
         self.save_index_file = save_index_file
 
     def before_train(self, runner) -> None:

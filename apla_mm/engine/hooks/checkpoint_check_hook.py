@@ -2,12 +2,13 @@
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 
+from apla_mm.peft.base import META_KEY
 from apla_mm.peft.utils import unwrap_model
 from apla_mm.registry import HOOKS
 from apla_mm.utils.checkpoint_io import (check_state_dict_match,
                                          state_dict_of)
 from ..runner_utils import is_training
-from .peft_hook import META_KEY, BasePEFTHook
+from .peft_hook import BasePEFTHook
 
 
 @HOOKS.register_module()

@@ -55,14 +55,10 @@ class LoRAHook(BasePEFTHook):
                  dropout: float = 0.0,
                  frozen_modules: Sequence[str] = ('backbone', ),
                  with_cp: bool = False) -> None:
-        super().__init__()
-        self.config = LoRAConfig(
-            rank=rank,
-            alpha=alpha,
-            targets=targets,
-            dropout=dropout,
-            frozen_modules=tuple(frozen_modules),
-            with_cp=with_cp)
+        super().__init__(
+            LoRAConfig(rank=rank, alpha=alpha, targets=targets,
+                       dropout=dropout, frozen_modules=frozen_modules,
+                       with_cp=with_cp))
         self._merged = False
 
     def summary_title(self) -> str:

@@ -5,7 +5,7 @@ import torch
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 
-from apla_mm.peft.base import META_KEY, BaseAdapter
+from apla_mm.peft.base import META_KEY, BaseAdapter, PeftConfig
 from apla_mm.peft.optim import rebind_optimizer
 from apla_mm.peft.report import count_parameters, format_report
 from apla_mm.peft.utils import unwrap_model
@@ -69,7 +69,9 @@ class BasePEFTHook(Hook):
     #: :mod:`apla_mm.utils.load_guard`).
     allow_partial_pretrained: tuple = ()
 
-    def __init__(self) -> None:
+    def __init__(self, config: PeftConfig) -> None:
+        #: The method's settings.
+        self.config = config
         self.adapter: Optional[BaseAdapter] = None
         self._restored = False
 

@@ -242,26 +242,26 @@ def eject(layer: APLALayer) -> None:
 
 
 @torch.no_grad()
+def _copy_rows_(layer: APLALayer, into_weights: bool) -> None:
+    if layer.full:
+        return
+    m = layer.module
+    index = m._buffers[INDEX_BUFFER]
+    for name, rows in zip(('weight', 'bias'), ROW_PARAMS):
+        if m._parameters.get(rows) is None:
+            continue
+        merged, trainable = m._parameters[name], m._parameters[rows]
+        if into_weights:
+            merged.index_copy_(0, index, trainable.to(merged.dtype))
+        else:
+            trainable.copy_(merged.index_select(0, index))
+
+
 def rows_to_weights_(layer: APLALayer) -> None:
     """Copy the trainable rows into the frozen merged weights."""
-    if layer.full:
-        return
-    m = layer.module
-    index = m._buffers[INDEX_BUFFER]
-    for name, rows in zip(('weight', 'bias'), ROW_PARAMS):
-        if m._parameters.get(rows) is not None:
-            target = m._parameters[name]
-            target.index_copy_(0, index, m._parameters[rows].to(target.dtype))
+    _copy_rows_(layer, into_weights=True)
 
 
-@torch.no_grad()
 def weights_to_rows_(layer: APLALayer) -> None:
     """Copy the selected rows of the weights into the trainable rows."""
-    if layer.full:
-        return
-    m = layer.module
-    index = m._buffers[INDEX_BUFFER]
-    for name, rows in zip(('weight', 'bias'), ROW_PARAMS):
-        if m._parameters.get(rows) is not None:
-            m._parameters[rows].copy_(
-                m._parameters[name].index_select(0, index))
+    _copy_rows_(layer, into_weights=False)
