@@ -186,10 +186,10 @@ class RankStateDumpHook(Hook):
         from mmengine.dist import get_rank
         from torch.nn.parallel import DistributedDataParallel
         meta = None
+        from apla_mm.engine.hooks.peft_hook import BasePEFTHook
         for hook in runner.hooks:
-            adapter = getattr(hook, 'adapter', None)
-            if adapter is not None:
-                meta = adapter.meta()
+            if isinstance(hook, BasePEFTHook) and hook.adapter is not None:
+                meta = hook.adapter.meta()
         synced = None
         if isinstance(runner.model, DistributedDataParallel):
             module = runner.model.module
