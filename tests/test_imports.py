@@ -1,33 +1,63 @@
 """`import apla_mm` registers our modules where mmseg and mmdet find them."""
+import importlib
+
 import pytest
+from mmengine import registry as root_registries
 from mmengine.registry import DefaultScope
 
 import apla_mm
 
+#: everything `import apla_mm` registers, by mmengine root registry
 MODULES = {
-    'MODELS': ['TimmViT'],
-    'HOOKS': ['APLAHook'],
+    'MODELS': ['LN2d', 'METAAdapterViT', 'SimpleFPN', 'TimmViT'],
+    'HOOKS': [
+        'APLAHook', 'CheckpointCheckHook', 'LoRAHook', 'MemoryEfficientHook',
+        'SafeCheckpointHook', 'SegTestVisualizationHook'
+    ],
     'OPTIM_WRAPPERS': [
-        'APLAOptimWrapper', 'APLAAmpOptimWrapper', 'PortableAmpOptimWrapper'
+        'APLAAmpOptimWrapper', 'APLAOptimWrapper', 'PortableAmpOptimWrapper'
     ],
 }
+#: registered only when imported on purpose (tests, tools/benchmark.py)
+OPT_IN = ('apla_mm.testing', 'apla_mm.benchmark')
 
 
-def test_version():
-    assert isinstance(apla_mm.__version__, str)
-    assert apla_mm.__version__.count('.') == 2
+def test_version_is_the_installed_one():
+    """``apla_mm.__version__`` (apla_mm/version.py, which setup.py reads) is
+    a normalised PEP 440 version and the one the installed distribution
+    carries."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+    assert str(Version(apla_mm.__version__)) == apla_mm.__version__
+    assert version('apla_mm') == apla_mm.__version__, (
+        'installed metadata differs from apla_mm/version.py: reinstall '
+        '(pip install -e .)')
+
+
+def test_import_registers_exactly_our_modules():
+    for registry_name in ('MODELS', 'HOOKS', 'OPTIM_WRAPPERS', 'DATASETS',
+                          'METRICS', 'TRANSFORMS',
+                          'OPTIM_WRAPPER_CONSTRUCTORS', 'PARAM_SCHEDULERS',
+                          'LOOPS', 'VISUALIZERS'):
+        registry = getattr(root_registries, registry_name)
+        ours = sorted(
+            name for name, cls in registry.module_dict.items()
+            if cls.__module__.startswith('apla_mm.')
+            and not cls.__module__.startswith(OPT_IN))
+        assert ours == MODULES.get(registry_name, []), registry_name
 
 
 @pytest.mark.parametrize('scope', ['mmseg', 'mmdet'])
 def test_registered_names_resolve_from_both_scopes(scope):
-    import importlib
     registry_module = importlib.import_module(f'{scope}.registry')
     for registry_name, names in MODULES.items():
         registry = getattr(registry_module, registry_name)
         for name in names:
             cls = registry.get(name)
             assert cls is not None, f'{name} not visible from {scope}'
-            assert cls.__module__.startswith('apla_mm.')
+            assert cls is getattr(root_registries,
+                                  registry_name).module_dict[name]
 
 
 @pytest.mark.parametrize('scope', ['mmseg', 'mmdet'])
