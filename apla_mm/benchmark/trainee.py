@@ -17,7 +17,17 @@ import torch.nn as nn
 from mmengine.config import Config
 from mmengine.utils import import_modules_from_strings
 
+from apla_mm.engine.hooks.peft_hook import BasePEFTHook
+from apla_mm.memory import MemoryConfig, apply_memory_options
+from apla_mm.peft.base import META_KEY, BaseAdapter
 from .specs import AMP_DTYPES, MethodSpec, check_amp
+
+#: PEFT methods (:attr:`BaseAdapter.method`) whose hook merges the adapter
+#: into the weights before validation and testing (``LoRAHook``); the
+#: others run as they are for inference (APLA: the weights already hold the
+#: trained rows, and the projections return the plain parameters when
+#: gradients are disabled).
+MERGED_FOR_INFERENCE = frozenset({'lora'})
 
 
 def _import_custom(cfg: Config) -> None:
@@ -37,21 +47,28 @@ def _scope(cfg: Config):
     return DefaultScope.overwrite_default_scope(cfg.get('default_scope'))
 
 
-def apply_memory_hook(model: nn.Module, hook_cfg: dict, adapter=None):
+def apply_memory_hook(model: nn.Module, hook_cfg: dict,
+                      adapter: Optional[BaseAdapter] = None):
     """Apply a ``MemoryEfficientHook`` config entry to a built model as the
     hook would (:func:`apla_mm.memory.apply_memory_options`; the frozen
     weights are cast after the PEFT adapter took its trainable copies).
 
+    Args:
+        model (nn.Module): The built model.
+        hook_cfg (dict): The ``MemoryEfficientHook`` entry.
+        adapter (BaseAdapter, optional): The model's PEFT adapter: its
+            trainable stand-ins are re-derived (:meth:`BaseAdapter.refresh_`)
+            before the frozen weights are cast.
+
     Returns:
         The handle of the applied options.
     """
-    from apla_mm.memory import MemoryConfig, apply_memory_options
     kwargs = {k: v for k, v in hook_cfg.items() if k != 'type'}
     config = MemoryConfig(**kwargs)
     handle = apply_memory_options(model, config)
     if config.frozen_dtype is not None:
-        if adapter is not None and hasattr(adapter, 'refresh_rows_'):
-            adapter.refresh_rows_()
+        if adapter is not None:
+            adapter.refresh_()
         handle.cast_frozen_(config.frozen_dtype)
     return handle
 
@@ -117,14 +134,14 @@ class Trainee:
             torch.manual_seed(seed)
             model = MODELS.build(copy.deepcopy(cfg.model))
             model = _revert_sync_bn(model)
-            self.adapter = None
+            self.adapter: Optional[BaseAdapter] = None
             memory_cfg = None
             for hook_cfg in cfg.get('custom_hooks') or []:
                 if hook_cfg.get('type') == 'MemoryEfficientHook':
                     memory_cfg = hook_cfg
                     continue
                 hook = HOOKS.build(copy.deepcopy(hook_cfg))
-                if hasattr(hook, 'build_adapter'):
+                if isinstance(hook, BasePEFTHook):
                     if self.adapter is not None:
                         raise ValueError(f'{spec.name}: two PEFT hooks')
                     self.adapter = hook.build_adapter(model)
@@ -222,13 +239,13 @@ class Trainee:
     # -- inference --------------------------------------------------------
     def prepare_inference(self) -> None:
         """Eval mode, and the deployed form: LoRA factors merged into the
-        weights (as ``LoRAHook`` does for validation/testing); APLA and the
-        others run as they are (APLA's weights already hold the rows)."""
+        weights (:data:`MERGED_FOR_INFERENCE`, as ``LoRAHook`` does for
+        validation/testing); APLA and the others run as they are (APLA's
+        weights already hold the rows)."""
         self.zero_grad()
         self.model.eval()
-        if self.adapter is not None and hasattr(self.adapter,
-                                                'merge_and_unload') \
-                and not self.merged:
+        if self.adapter is not None and not self.merged and \
+                self.adapter.method in MERGED_FOR_INFERENCE:
             self.adapter.merge_and_unload()
             self.merged = True
 
@@ -268,6 +285,12 @@ class Trainee:
                 for v in delta['state_dict'].values()),
             delta_file_bytes=buf.getbuffer().nbytes)
 
+    def _state_dict(self) -> dict:
+        return {
+            k: v.detach().cpu()
+            for k, v in self.model.state_dict().items()
+        }
+
     def delta_state_dict(self) -> dict:
         """What a delta file of this run holds.
 
@@ -277,22 +300,13 @@ class Trainee:
         buffers of modules with trainable parameters (the whole model for
         full fine-tuning).
         """
-        state = {
-            k: v.detach().cpu()
-            for k, v in self.model.state_dict().items()
-        }
-        if self.adapter is not None and hasattr(self.adapter, 'meta') \
-                and not self.merged:
+        if self.adapter is not None and not self.merged:
             from apla_mm.peft.delta import export_delta
-            if hasattr(self.adapter, 'sync_'):
-                self.adapter.sync_()
-                state = {
-                    k: v.detach().cpu()
-                    for k, v in self.model.state_dict().items()
-                }
+            self.adapter.sync_()
             return export_delta(
-                dict(meta={'apla_mm': self.adapter.meta()},
-                     state_dict=state))
+                dict(meta={META_KEY: self.adapter.meta()},
+                     state_dict=self._state_dict()))
+        state = self._state_dict()
         trainable = {
             n for n, p in self.model.named_parameters() if p.requires_grad
         }
