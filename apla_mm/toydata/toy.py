@@ -22,7 +22,7 @@ import json
 import os
 import os.path as osp
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -287,12 +287,3 @@ def make_toy_data(root: str = 'data',
         out['coco'] = osp.join(root, 'toy_coco')
         make_toy_coco(out['coco'], num_train, num_val, coco_size, seed)
     return out
-
-
-def toy_data_exists(path: Optional[str], kind: str) -> bool:
-    """Whether ``path`` holds a toy set of ``kind`` (``'seg'``/``'coco'``)."""
-    if not path:
-        return False
-    marker = ('annotations/training' if kind == 'seg' else
-              'annotations/instances_train.json')
-    return osp.exists(osp.join(path, marker))
