@@ -24,8 +24,8 @@ puts the original back on exit.
 
 Checked on
 ----------
-torch 2.1 to 2.13 (the class, its ``frame`` argument and its ``pack_hook``
-attribute are the same in all of them; checked last on torch 2.13.0). On a
+torch 2.13.0, the version apla_mm pins (the class, its ``frame`` argument
+and its ``pack_hook`` attribute); other versions are not checked here. On a
 torch without ``_checkpoint_hook`` the probe does nothing and the account's
 ``recompute`` is 0 (:data:`AVAILABLE` says which).
 """
