@@ -8,7 +8,7 @@ import os
 import os.path as osp
 import subprocess
 import sys
-from typing import Dict, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 from mmengine.config import Config
@@ -151,6 +151,61 @@ class ParamSnapshotHook(Hook):
             k: not torch.equal(v, self.after[k])
             for k, v in self.before.items()
         }
+
+
+def assert_apla_trained(before: Mapping[str, torch.Tensor],
+                        after: Mapping[str, torch.Tensor],
+                        indices: Mapping[str, Sequence[int]],
+                        prefix: str = 'backbone.',
+                        rows_moved: bool = True) -> int:
+    """Assert that APLA changed nothing in the backbone but the selected
+    rows of the adapted layers.
+
+    Every state-dict entry whose key starts with ``prefix`` must be
+    bit-identical in ``before`` and ``after``, except the ``weight`` and
+    ``bias`` of the adapted layers: there the unselected output rows must be
+    bit-identical and, with ``rows_moved``, every selected row must differ in
+    at least one entry.
+
+    Args:
+        before (Mapping[str, torch.Tensor]): State dict (plain keys) at the
+            start, e.g. :attr:`ParamSnapshotHook.before`.
+        after (Mapping[str, torch.Tensor]): State dict at the end.
+        indices (Mapping[str, Sequence[int]]): Selected output channels per
+            adapted layer (module name), as
+            :meth:`~apla_mm.peft.APLAAdapter.indices` returns them.
+        prefix (str): Only entries under it are checked (necks and heads
+            train as usual). Defaults to ``'backbone.'``.
+        rows_moved (bool): Also require every selected row to have moved;
+            ``False`` checks only that nothing else did (e.g. across a
+            resume). Defaults to True.
+
+    Returns:
+        int: How many weights and biases were checked row by row.
+    """
+    assert indices, 'no adapted layers'
+    for name in indices:
+        assert f'{name}.weight' in before, f'{name}.weight not in the state'
+    row_checked = 0
+    for key, old in before.items():
+        if not key.startswith(prefix):
+            continue
+        assert key in after, f'{key} missing after training'
+        new = after[key]
+        layer, _, leaf = key.rpartition('.')
+        if layer not in indices or leaf not in ('weight', 'bias'):
+            assert torch.equal(old, new), f'frozen {key} moved'
+            continue
+        rows = torch.zeros(old.shape[0], dtype=torch.bool)
+        rows[torch.as_tensor(list(indices[layer]), dtype=torch.long)] = True
+        assert torch.equal(old[~rows], new[~rows]), \
+            f'an unselected row of {key} moved'
+        if rows_moved:
+            changed = (old[rows] != new[rows]).reshape(int(rows.sum()), -1)
+            assert changed.any(1).all(), \
+                f'a selected row of {key} did not move'
+        row_checked += 1
+    return row_checked
 
 
 def build_runner(cfg: Config, *hooks: Hook):

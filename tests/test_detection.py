@@ -16,8 +16,8 @@ from mmengine.hooks import Hook
 import apla_mm  # noqa: F401
 from apla_mm.engine import APLAHook
 from apla_mm.peft.apla import APLAAdapter, APLAConfig
-from apla_mm.testing import (REPO_ROOT, ParamSnapshotHook, build_runner,
-                             run_tool,
+from apla_mm.testing import (REPO_ROOT, ParamSnapshotHook,
+                             assert_apla_trained, build_runner, run_tool,
                              short_run_cfg)
 
 CONFIGS = osp.join(REPO_ROOT, 'configs')
@@ -208,12 +208,6 @@ def _det_batch(num: int, size: int = 128) -> dict:
     return dict(inputs=inputs, data_samples=samples)
 
 
-def _rows(layer) -> torch.Tensor:
-    mask = torch.zeros(layer.out_features, dtype=torch.bool)
-    mask[layer.index.cpu()] = True
-    return mask
-
-
 def test_apla_on_mmseg_vit_detector_one_step():
     """mmseg's VisionTransformer from an mmdet config: APLA finds W_O
     (layers.N.attn.attn.out_proj inside nn.MultiheadAttention); one AdamW
@@ -237,19 +231,7 @@ def test_apla_on_mmseg_vit_detector_one_step():
     adapter.sync_()
     after = model.state_dict()
     assert set(after) == set(before)  # plain keys, no APLA extras
-    layers = {layer.name: layer for layer in adapter.layers}
-    for key, value in before.items():
-        if not key.startswith('backbone.'):
-            continue
-        layer = layers.get(key.rsplit('.', 1)[0])
-        if layer is None or not key.endswith(('.weight', '.bias')):
-            assert torch.equal(value, after[key]), key
-            continue
-        rows = _rows(layer)
-        assert torch.equal(value[~rows], after[key][~rows]), key
-        changed = (value[rows] != after[key][rows])
-        changed = changed.reshape(int(rows.sum()), -1).any(1)
-        assert changed.all(), key
+    assert_apla_trained(before, after, adapter.indices())
     assert not torch.equal(before['neck.fpn_convs.0.conv.weight'],
                            after['neck.fpn_convs.0.conv.weight'])
 
@@ -299,26 +281,14 @@ def test_apla_mask_rcnn_train_eval_resume_test(toy_coco_root, tmp_path):
     # frozen backbone entries (unselected W_O rows and bias entries
     # included) are bit-identical; every selected row changed
     adapter = _apla_hook(runner).adapter
-    layers = {layer.name: layer for layer in adapter.layers}
-    assert sorted(layers) == [
+    indices = adapter.indices()
+    assert sorted(indices) == [
         f'backbone.vit.blocks.{i}.attn.proj' for i in range(4)
     ]
-    assert all(layer.rank == 16 for layer in layers.values())
-    checked_rows = 0
-    for key, before in snapshot.before.items():
-        after = snapshot.after[key]
-        if not key.startswith('backbone.'):
-            continue
-        layer = layers.get(key.rsplit('.', 1)[0])
-        if layer is None:
-            assert torch.equal(before, after), f'{key} moved'
-            continue
-        rows = _rows(layer)
-        assert torch.equal(before[~rows], after[~rows]), key
-        moved = (before[rows] != after[rows]).reshape(16, -1).any(1)
-        assert moved.all(), key
-        checked_rows += 1
-    assert checked_rows == 8  # weight and bias of 4 layers
+    assert all(layer.rank == 16 for layer in adapter.layers)
+    assert all(len(index) == 16 for index in indices.values())
+    # weight and bias of 4 layers
+    assert assert_apla_trained(snapshot.before, snapshot.after, indices) == 8
     head_keys = [k for k in snapshot.before if not k.startswith('backbone.')]
     moved_heads = [
         k for k in head_keys
@@ -349,20 +319,9 @@ def test_apla_mask_rcnn_train_eval_resume_test(toy_coco_root, tmp_path):
     assert _apla_hook(resumed).adapter.indices() == adapter.indices()
     for key, value in snapshot.after.items():
         assert torch.equal(resumed_snapshot.before[key], value), key
-    resumed_layers = {
-        layer.name: layer
-        for layer in _apla_hook(resumed).adapter.layers
-    }
-    for key, before in snapshot.before.items():
-        if not key.startswith('backbone.'):
-            continue
-        after = resumed_snapshot.after[key]
-        layer = resumed_layers.get(key.rsplit('.', 1)[0])
-        if layer is None:
-            assert torch.equal(before, after), f'{key} moved after resume'
-        else:
-            rows = _rows(layer)
-            assert torch.equal(before[~rows], after[~rows]), key
+    assert_apla_trained(snapshot.before, resumed_snapshot.after,
+                        _apla_hook(resumed).adapter.indices(),
+                        rows_moved=False)
     ckpt6 = torch.load(
         osp.join(str(tmp_path / 'resumed'), 'iter_6.pth'), map_location='cpu')
     assert ckpt6['meta']['iter'] == 6

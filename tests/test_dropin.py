@@ -23,8 +23,9 @@ from mmengine.config import Config
 
 from apla_mm.engine import APLAHook
 from apla_mm.peft.utils import unwrap_model
-from apla_mm.testing import (REPO_ROOT, ParamSnapshotHook, build_runner,
-                             repo_config, run_tool, short_run_cfg)
+from apla_mm.testing import (REPO_ROOT, ParamSnapshotHook,
+                             assert_apla_trained, build_runner, repo_config,
+                             run_tool, short_run_cfg)
 
 DROP_IN = """_base_ = [{base!r}]
 custom_imports = dict(imports=['apla_mm'], allow_failed_imports=False)
@@ -176,21 +177,7 @@ def check_apla_run(runner, snapshot: ParamSnapshotHook) -> None:
     count = sum r*(in+1) + neck/heads = what the optimizer holds."""
     hook = next(h for h in runner.hooks if isinstance(h, APLAHook))
     adapter = hook.adapter
-    layers = {layer.name: layer for layer in adapter.layers}
-    assert layers
-    for key, before in snapshot.before.items():
-        if not key.startswith('backbone.'):
-            continue
-        after = snapshot.after[key]
-        layer = layers.get(key.rsplit('.', 1)[0])
-        if layer is None:
-            assert torch.equal(before, after), f'frozen {key} moved'
-            continue
-        mask = torch.zeros(layer.out_features, dtype=torch.bool)
-        mask[layer.index.cpu()] = True
-        assert torch.equal(before[~mask], after[~mask]), key
-        changed = (before[mask] != after[mask]).reshape(mask.sum(), -1)
-        assert changed.any(1).all(), f'a selected row of {key} did not move'
+    assert_apla_trained(snapshot.before, snapshot.after, adapter.indices())
     model = unwrap_model(runner.model)
     rows = sum(layer.target_rank * (layer.in_features + int(layer.has_bias))
                for layer in adapter.layers)
