@@ -419,3 +419,38 @@ def test_low_precision_frozen_weights_abstract_equals_real():
     assert real['grads'] == plain['grads']
     real, fake = _accounts('seg', 'tiny', 'apla-r16+all', amp='bf16')
     assert {k: fake[k] for k in KEYS} == {k: real[k] for k in KEYS}
+
+
+def test_step_flops_real_equal_abstract_and_frozen_is_the_floor():
+    from apla_mm.benchmark import BenchmarkOptions, run_benchmark
+    from apla_mm.benchmark.report import markdown
+    common = dict(task='seg', model='tiny',
+                  methods=['full', 'frozen', 'apla-r16', 'apla-r16-cp'],
+                  timing=False, peak=False, progress=False, threads=1,
+                  flops=True)
+    real = {r['name']: r['flops'] for r in
+            run_benchmark(BenchmarkOptions(**common))['methods']}
+    fake_results = run_benchmark(BenchmarkOptions(abstract=True, **common))
+    fake = {r['name']: r['flops'] for r in fake_results['methods']}
+    assert fake == real
+    full, frozen, apla, cp = (real[k] for k in ('full', 'frozen', 'apla-r16',
+                                                'apla-r16-cp'))
+    # the same forward; backward: frozen floor < APLA < full fine-tuning
+    assert full['forward'] == frozen['forward'] == apla['forward']
+    assert frozen['backward'] < apla['backward'] < full['backward']
+    parts = full['forward_by_part']
+    assert set(parts) == {'backbone', 'neck', 'decode_head',
+                          'auxiliary_head'}
+    assert all(p > 0 for p in parts.values())
+    assert sum(parts.values()) <= full['forward']
+    for other in (frozen, apla, cp):
+        assert other['forward_by_part'] == parts
+    # checkpointing recomputes (part of: non-reentrant checkpointing stops
+    # once the saved tensors are back) the blocks' forward in backward
+    recomputed = cp['backward'] - apla['backward']
+    assert 0 < recomputed < parts['backbone']
+    assert cp['forward'] == apla['forward']
+    ratios = {r['name']: r['ratios']['flops']
+              for r in fake_results['methods']}
+    assert ratios['full'] == 1 and ratios['frozen'] < ratios['apla-r16'] < 1
+    assert '## Arithmetic of a training step' in markdown(fake_results)

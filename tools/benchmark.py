@@ -68,6 +68,7 @@ def main(argv=None):
         abstract=args.abstract,
         check_abstract=args.check_abstract,
         abstract_accounts=args.abstract_accounts,
+        flops=args.flops,
         sdpa=args.sdpa)
     results = run_benchmark(opts)
     out = args.out or osp.join(

@@ -80,6 +80,10 @@ BENCHMARK_SWITCHES = {
     '--check-abstract':
     'also compute each account on fake tensors and report the difference '
     '(validates --abstract)',
+    '--flops':
+    'count the floating-point operations of one training step per method '
+    '(the floor of its time; on fake tensors with --abstract/'
+    '--abstract-accounts)',
     '--no-peak':
     'skip the peak measurement (a fresh process per method)',
     '--no-timing': 'only parameters and memory',

@@ -19,6 +19,10 @@ def _count(x: int) -> str:
     return str(x)
 
 
+def _gflop(x: int) -> str:
+    return f'{x / 1e9:,.1f}'
+
+
 def _ratio(x: Optional[float]) -> str:
     return '–' if x is None else f'{x:.3f}x'
 
@@ -176,6 +180,31 @@ def markdown(results: dict, title: Optional[str] = None) -> str:
             + '; '.join(sorted({
                 f"`{g['op']}` in `{g['where']}` ({g['assumption']})"
                 for _, _, gs in subs for g in gs})) + '.')
+    if any('flops' in r for r in methods):
+        parts = sorted({part for r in methods
+                        for part in r.get('flops', {}).get(
+                            'forward_by_part', {})})
+        _section(
+            lines, 'Arithmetic of a training step',
+            'Floating-point operations of forward (with the losses) and '
+            'backward (with any recomputation), counted by '
+            '`torch.utils.flop_counter.FlopCounterMode` (matrix products, '
+            'convolutions, attention), in GFLOP; the floor of the step '
+            'time, free of timing noise. Then the forward operations per '
+            'part.',
+            ('Method', 'Forward', 'Backward', '**Total**', 'x ref',
+             *(f'fwd {p}' for p in parts)))
+        for r in methods:
+            f = r.get('flops')
+            if f is None:
+                continue
+            lines.append(
+                f"| {r['label']} | {_gflop(f['forward'])} | "
+                f"{_gflop(f['backward'])} | **{_gflop(f['total'])}** | "
+                f"{_ratio(r['ratios'].get('flops'))} | "
+                + ' | '.join(_gflop(f['forward_by_part'].get(p, 0))
+                             for p in parts)
+                + ' |')
     if any('train_time' in r for r in methods):
         _section(
             lines, 'Time',

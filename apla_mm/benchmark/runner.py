@@ -17,6 +17,7 @@ from .edits import config_size
 from .peak import measure_peak
 from .presets import config_methods, preset_methods
 from .specs import MethodSpec, amp_of
+from .flops import count_step_flops
 from .timing import interleaved
 from .trainee import Trainee
 
@@ -61,6 +62,9 @@ class BenchmarkOptions:
         abstract_accounts: Time (and measure peaks of) the real models,
             but take the memory accounts from the abstract ones (equal, and
             seconds instead of a real training step per method).
+        flops: Count the floating-point operations of one training step
+            per method (:mod:`~apla_mm.benchmark.flops`; on the abstract
+            model with ``abstract`` or ``abstract_accounts``).
     """
     task: Optional[str] = 'seg'
     model: str = 'tiny'
@@ -85,6 +89,7 @@ class BenchmarkOptions:
     sdpa: str = 'auto'
     check_abstract: bool = False
     abstract_accounts: bool = False
+    flops: bool = False
 
 
 def _versions() -> dict:
@@ -213,6 +218,7 @@ def _run(opts: BenchmarkOptions) -> dict:
         check_abstract=opts.check_abstract,
         abstract_accounts=opts.abstract_accounts,
         sdpa=opts.sdpa,
+        flops=opts.flops,
         date=datetime.datetime.now().isoformat(timespec='seconds'),
         versions=_versions())
     results = {s.name: dict(name=s.name, label=s.label, source=s.source)
@@ -256,6 +262,11 @@ def _run(opts: BenchmarkOptions) -> dict:
             results[spec.name]['accounts'] = {
                 precisions[0]: results[spec.name]['memory']}
             check(spec, precisions[0], results[spec.name]['memory'])
+            if opts.flops:
+                counted = (build(spec, precisions[0], abstract=True)
+                           if opts.abstract_accounts else t)
+                results[spec.name]['flops'] = count_step_flops(counted)
+                del counted
             progress(f'account {spec.name}')
         for precision in precisions[1:]:
             for spec in spec_sets[precision]:
@@ -321,6 +332,8 @@ def _run(opts: BenchmarkOptions) -> dict:
         for precision, account in r['accounts'].items():
             ratios[f'memory_{precision}'] = (
                 account['total'] / ref['accounts'][precision]['total'])
+        if 'flops' in r:
+            ratios['flops'] = r['flops']['total'] / ref['flops']['total']
         if 'peak' in r:
             ratios['peak'] = (r['peak']['increment'] /
                               max(ref['peak']['increment'], 1))
