@@ -164,8 +164,10 @@ def preset_methods(task: str, model: str, size: Optional[int] = None,
         info = parse_method(name)
         if info['kind'] == 'meta' and not preset.get('meta'):
             raise ValueError(
-                'META is a dense-prediction adapter; the backbone preset '
-                'has no META method (use the seg or det preset).')
+                f'the {task}/{model} preset has no META adapter config '
+                '(META is a dense-prediction adapter, configured for the '
+                "ViT-B/16 and tiny seg and det presets); drop 'meta' from "
+                '--methods.')
         cfg = apply_method(base, name, task, preset.get('meta'), amp=amp)
         set_input_size(cfg, task, size)
         specs.append(

@@ -191,7 +191,9 @@ def markdown(results: dict, title: Optional[str] = None) -> str:
             '`torch.utils.flop_counter.FlopCounterMode` (matrix products, '
             'convolutions, attention), in GFLOP; the floor of the step '
             'time, free of timing noise. Then the forward operations per '
-            'part.',
+            'part (layers run inside a checkpointed region of the heads, '
+            '`+heads`, are counted for the whole model instead of their '
+            'part).',
             ('Method', 'Forward', 'Backward', '**Total**', 'x ref',
              *(f'fwd {p}' for p in parts)))
         for r in methods:
