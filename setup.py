@@ -79,8 +79,8 @@ install_requires = [
 ]
 
 extras_require = {
-    'test': ['pytest>=7', 'pytest-timeout'],
-    'dev': ['pytest>=7', 'pytest-timeout', 'ruff'],
+    'test': ['pytest>=7', 'pytest-timeout', 'pytest-xdist>=3'],
+    'dev': ['pytest>=7', 'pytest-timeout', 'pytest-xdist>=3', 'ruff'],
 }
 
 copy_mim_files()

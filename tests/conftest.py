@@ -14,7 +14,10 @@ TOOLS = osp.join(REPO, 'tools')
 # confused with this folder (we do not import `tests.*`).
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
-os.environ.setdefault('OMP_NUM_THREADS', '2')
+# One thread per pytest-xdist worker (``-n 2`` on 2 cores), two otherwise;
+# tools started by the tests inherit it.
+os.environ.setdefault('OMP_NUM_THREADS',
+                      '1' if os.environ.get('PYTEST_XDIST_WORKER') else '2')
 
 
 @pytest.fixture(scope='session')

@@ -69,7 +69,7 @@ else
 fi
 
 # 4. the rest of the stack and apla_mm itself (editable, with test extras).
-if py_ok "import apla_mm, mmseg, mmdet, timm, pytest, torchvision.ops"; then
+if py_ok "import apla_mm, mmseg, mmdet, timm, pytest, xdist, torchvision.ops"; then
   log "apla_mm and the OpenMMLab stack already installed"
 else
   log "installing mmengine, mmsegmentation, mmdet, timm and apla_mm (editable)"
