@@ -214,11 +214,8 @@ def make_toy_coco(root: str,
     :data:`TOY_OBJECT_CLASSES` with ids from 1; masks are polygons.
 
     Args:
-        root (str): Output folder (created).
-        num_train (int): Training images.
-        num_val (int): Validation images.
-        size (int): Image side in pixels.
-        seed (int): Seed; the same arguments give identical files.
+        root, num_train, num_val, size, seed: As in
+            :func:`make_toy_segmentation`.
         max_objects (int): Upper bound of objects per image.
 
     Returns:

@@ -42,10 +42,13 @@ def _stripe_spans(size: int, width: int):
     return spans
 
 
-def _horizontal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                out: torch.Tensor, heads: int, width: int,
-                dropout_p: float) -> None:
-    """Attention within stripes of ``width`` rows; writes into ``out``."""
+def _row_stripes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 out: torch.Tensor, heads: int, width: int,
+                 dropout_p: float) -> None:
+    """Attention within stripes of ``width`` rows of ``(B, H, W, C)`` maps;
+    writes into ``out``. Column stripes are row stripes of the transposed
+    maps (views): attention does not depend on the order of the tokens
+    inside a stripe."""
     B, H, W, C = q.shape
     hd = C // heads
     for start, stop, w in _stripe_spans(H, width):
@@ -53,35 +56,14 @@ def _horizontal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
         def split(t: torch.Tensor) -> torch.Tensor:
             # (B, rows, W, C) -> (B*n, heads, w*W, hd); a view when the
-            # stripes cover all rows, a gather copy otherwise.
+            # stripes cover all rows of a contiguous map, a copy otherwise.
             return t[:, start:stop].reshape(B * n, w * W, heads,
                                             hd).transpose(1, 2)
 
         o = F.scaled_dot_product_attention(
             split(q), split(k), split(v), dropout_p=dropout_p)
-        out[:, start:stop].view(B, n, w * W, heads, hd).copy_(
-            o.transpose(1, 2).reshape(B, n, w * W, heads, hd))
-
-
-def _vertical(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              out: torch.Tensor, heads: int, width: int,
-              dropout_p: float) -> None:
-    """Attention within stripes of ``width`` columns; writes into ``out``."""
-    B, H, W, C = q.shape
-    hd = C // heads
-    for start, stop, w in _stripe_spans(W, width):
-        n = (stop - start) // w
-
-        def split(t: torch.Tensor) -> torch.Tensor:
-            # (B, H, cols, C) -> (B*n, heads, H*w, hd), tokens row-major
-            # inside a stripe.
-            t = t[:, :, start:stop].reshape(B, H, n, w, heads, hd)
-            return t.permute(0, 2, 4, 1, 3, 5).reshape(B * n, heads, H * w, hd)
-
-        o = F.scaled_dot_product_attention(
-            split(q), split(k), split(v), dropout_p=dropout_p)
-        out[:, :, start:stop].view(B, H, n, w, heads, hd).copy_(
-            o.view(B, n, heads, H, w, hd).permute(0, 3, 1, 4, 2, 5))
+        out[:, start:stop].copy_(
+            o.transpose(1, 2).reshape(B, stop - start, W, C))
 
 
 def cross_shaped_attention(q: torch.Tensor,
@@ -119,10 +101,10 @@ def cross_shaped_attention(q: torch.Tensor,
                          f'got {num_heads}.')
     half, heads = C // 2, num_heads // 2
     out = q.new_empty(B, H, W, C)
-    _horizontal(q[..., :half], k[..., :half], v[..., :half], out[..., :half],
-                heads, stripe_width, dropout_p)
-    _vertical(q[..., half:], k[..., half:], v[..., half:], out[..., half:],
-              heads, stripe_width, dropout_p)
+    _row_stripes(q[..., :half], k[..., :half], v[..., :half],
+                 out[..., :half], heads, stripe_width, dropout_p)
+    _row_stripes(*(t[..., half:].transpose(1, 2) for t in (q, k, v, out)),
+                 heads, stripe_width, dropout_p)
     return out
 
 

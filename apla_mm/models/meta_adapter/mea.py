@@ -244,27 +244,14 @@ class CascadedMEA(nn.Module):
         dim (int): Channels of both streams.
         num_cascades (int): Heads of the cascade; must divide ``dim``.
             Defaults to 8.
-        num_heads (int): Attention heads per MEA. Defaults to 2.
-        stripe_width (int): Cross-shaped attention stripe width.
-            Defaults to 8.
-        mlp_ratio (float): FFN width per MEA, as a multiple of ``d``.
-            Defaults to 1.
-        conv_kernel_size (int): Depthwise kernel size. Defaults to 3.
-        qkv_bias (bool): Attention projection bias. Defaults to True.
-        norm_eps (float): Shared-norm epsilon. Defaults to 1e-6.
-        recompute_conv (bool): See :class:`MEABlock`. Defaults to True.
+        **block_kwargs: The arguments of each head's :class:`MEABlock`
+            (``num_heads``, ``stripe_width``, ``mlp_ratio``,
+            ``conv_kernel_size``, ``qkv_bias``, ``norm_eps``,
+            ``recompute_conv``), with its defaults.
     """
 
-    def __init__(self,
-                 dim: int,
-                 num_cascades: int = 8,
-                 num_heads: int = 2,
-                 stripe_width: int = 8,
-                 mlp_ratio: float = 1.0,
-                 conv_kernel_size: int = 3,
-                 qkv_bias: bool = True,
-                 norm_eps: float = 1e-6,
-                 recompute_conv: bool = True) -> None:
+    def __init__(self, dim: int, num_cascades: int = 8,
+                 **block_kwargs) -> None:
         super().__init__()
         if num_cascades < 1 or dim % num_cascades:
             raise ValueError(f'num_cascades={num_cascades} must divide '
@@ -272,17 +259,10 @@ class CascadedMEA(nn.Module):
         self.dim = dim
         self.num_cascades = num_cascades
         self.head_dim = dim // num_cascades
-        self.norm_eps = norm_eps
         self.heads = nn.ModuleList(
-            MEABlock(
-                self.head_dim,
-                num_heads=num_heads,
-                stripe_width=stripe_width,
-                mlp_ratio=mlp_ratio,
-                conv_kernel_size=conv_kernel_size,
-                qkv_bias=qkv_bias,
-                norm_eps=norm_eps,
-                recompute_conv=recompute_conv) for _ in range(num_cascades))
+            MEABlock(self.head_dim, **block_kwargs)
+            for _ in range(num_cascades))
+        self.norm_eps = self.heads[0].norm_eps
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
