@@ -5,7 +5,8 @@ import torch
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 
-from apla_mm.peft.base import META_KEY, BaseAdapter, PeftConfig
+from apla_mm.peft.base import (META_KEY, BaseAdapter, PeftConfig,
+                               adapter_class)
 from apla_mm.peft.optim import rebind_optimizer
 from apla_mm.peft.report import count_parameters, format_report
 from apla_mm.peft.utils import unwrap_model
@@ -81,7 +82,6 @@ class BasePEFTHook(Hook):
         (also usable outside a Runner, e.g. for benchmarks: train the
         model's trainable parameters and call
         ``adapter.attach_optimizer(optimizer)``)."""
-        from apla_mm.peft.base import adapter_class
         return adapter_class(self.method)(model, self.config)
 
     def check_optim_wrapper(self, optim_wrapper) -> None:
