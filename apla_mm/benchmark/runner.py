@@ -258,15 +258,12 @@ def _run(opts: BenchmarkOptions) -> dict:
                        if opts.abstract_accounts else t)
             results[spec.name]['memory'] = account_step(counted,
                                                         top=opts.top)
+            if opts.flops:  # the same model: operations need no values
+                results[spec.name]['flops'] = count_step_flops(counted)
             del counted
             results[spec.name]['accounts'] = {
                 precisions[0]: results[spec.name]['memory']}
             check(spec, precisions[0], results[spec.name]['memory'])
-            if opts.flops:
-                counted = (build(spec, precisions[0], abstract=True)
-                           if opts.abstract_accounts else t)
-                results[spec.name]['flops'] = count_step_flops(counted)
-                del counted
             progress(f'account {spec.name}')
         for precision in precisions[1:]:
             for spec in spec_sets[precision]:

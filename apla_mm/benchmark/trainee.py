@@ -4,8 +4,9 @@
 Runner would: the config's ``custom_imports``, ``MODELS.build(cfg.model)``
 in the config's default scope, the PEFT hook's ``build_adapter(model)``,
 the ``MemoryEfficientHook``'s options (:func:`apply_memory_hook`), an AdamW
-over the parameters that require gradients, ``adapter.sync_()`` after every
-step; then it trains, infers and reports parameters and the delta file.
+over the parameters that require gradients, connected to the adapter as the
+PEFT hook connects it (``adapter.attach_optimizer``: APLA syncs its rows
+after every step); then it trains, infers and reports parameters and the delta file.
 """
 import contextlib
 import copy
@@ -159,6 +160,8 @@ class Trainee:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=lr, betas=(0.9, 0.999), weight_decay=0.01)
+        if self.adapter is not None:
+            self.adapter.attach_optimizer(self.optimizer)
         self.scaler = None
         if amp == 'fp16' and not abstract:
             self.scaler = torch.amp.GradScaler(self.device.type)
@@ -214,7 +217,7 @@ class Trainee:
         self.optimizer.zero_grad(set_to_none=True)
 
     def optimizer_step(self) -> None:
-        """AdamW step (+ APLA row sync). With ``abstract`` outside the fake
+        """AdamW step (APLA's rows sync in its step post-hook). With ``abstract`` outside the fake
         mode: AdamW's state follows its fake parameters, while its step
         counters stay real host scalars."""
         if self.scaler is not None:
@@ -222,11 +225,9 @@ class Trainee:
             self.scaler.update()
         else:
             self.optimizer.step()
-        if self.adapter is not None:
-            self.adapter.sync_()
 
     def train_step(self) -> float:
-        """zero_grad, forward, backward, AdamW step (+ APLA sync)."""
+        """zero_grad, forward, backward, AdamW step."""
         self.zero_grad()
         with self.compute():
             loss = self.forward_loss()
@@ -302,7 +303,6 @@ class Trainee:
         """
         if self.adapter is not None and not self.merged:
             from apla_mm.peft.delta import export_delta
-            self.adapter.sync_()
             return export_delta(
                 dict(meta={META_KEY: self.adapter.meta()},
                      state_dict=self._state_dict()))
