@@ -268,17 +268,23 @@ class BaseAdapter:
 
     def resume_problems(self, meta: dict) -> List[str]:
         """Why a checkpoint with this meta cannot be resumed with the
-        current settings (empty if it can)."""
-        saved = self.config_class.from_dict(meta.get('config') or {})
-        problems = [
-            f'{key}: checkpoint {value!r}, config {getattr(self.config, key)!r}'
-            for key, value in saved.to_dict().items()
-            if value != self.config.to_dict()[key]
-        ]
+        current settings (empty if it can): differing settings
+        (:meth:`config_problems`) or adapted layers."""
+        problems = self.config_problems(
+            self.config_class.from_dict(meta.get('config') or {}))
         if sorted(meta.get('layers') or {}) != sorted(
                 layer.name for layer in self.layers):
             problems.append('adapted layers differ')
         return problems
+
+    def config_problems(self, saved: PeftConfig) -> List[str]:
+        """The settings in which a checkpoint's config differs from the
+        current one (by default: every field)."""
+        current = self.config.to_dict()
+        return [
+            f'{key}: checkpoint {value!r}, config {current[key]!r}'
+            for key, value in saved.to_dict().items() if value != current[key]
+        ]
 
     def restore_(self, meta: dict) -> None:
         """Take over what a resumed checkpoint decided (before its weights

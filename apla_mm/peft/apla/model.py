@@ -219,8 +219,9 @@ class APLAAdapter(BaseAdapter):
         ]
 
     # -- the contract: checkpoints ---------------------------------------
-    def resume_problems(self, meta: dict) -> List[str]:
-        saved = self.config_class.from_dict(meta.get('config') or {})
+    def config_problems(self, saved: APLAConfig) -> List[str]:
+        """Rank, seed (unless the channels come from a file or the norms),
+        selection, targets and frozen modules must match."""
         current = self.config
         problems = []
         for key in ('rank', 'seed', 'selection', 'targets', 'frozen_modules'):
@@ -230,13 +231,15 @@ class APLAAdapter(BaseAdapter):
             if getattr(saved, key) != getattr(current, key):
                 problems.append(f'{key}: checkpoint {getattr(saved, key)!r}, '
                                 f'config {getattr(current, key)!r}')
-        layers = [layer.name for layer in self.layers]
-        if sorted(meta.get('layers') or {}) != sorted(layers):
-            problems.append('adapted layers differ')
-        if not problems and not current.full and not self.needs_selection:
-            current_indices = self.indices()
-            if any(meta['layers'][n]['index'] != current_indices[n]
-                   for n in layers):
+        return problems
+
+    def resume_problems(self, meta: dict) -> List[str]:
+        """As the base, and the checkpoint's channels must be the ones
+        already chosen (e.g. from an index file)."""
+        problems = super().resume_problems(meta)
+        if not problems and not self.config.full and not self.needs_selection:
+            current = self.indices()
+            if any(meta['layers'][n]['index'] != current[n] for n in current):
                 problems.append('selected channels differ (index_file?)')
         return problems
 
