@@ -69,10 +69,5 @@ class MemoryConfig:
         return None if self.frozen_dtype is None else getattr(
             torch, self.frozen_dtype)
 
-    @property
-    def any_structural(self) -> bool:
-        """Whether an option that changes the forward pass is on."""
-        return self.lean_loss or self.checkpoint_heads or self.fused_attention
-
     def to_dict(self) -> dict:
         return asdict(self)
