@@ -18,6 +18,7 @@ import torch.nn as nn
 from mmengine.config import Config
 from mmengine.utils import import_modules_from_strings
 
+from apla_mm.compat import cpu_autocast_attention_guard, grad_scaler
 from apla_mm.engine.hooks.peft_hook import BasePEFTHook
 from apla_mm.memory import MemoryConfig, apply_memory_options
 from apla_mm.peft.base import META_KEY, BaseAdapter
@@ -164,7 +165,7 @@ class Trainee:
             self.adapter.attach_optimizer(self.optimizer)
         self.scaler = None
         if amp == 'fp16' and not abstract:
-            self.scaler = torch.amp.GradScaler(self.device.type)
+            self.scaler = grad_scaler(self.device.type)
         with _scope(cfg), self.compute():
             self.inputs, self.data_samples = make_batch(
                 spec.task, model, cfg, size, batch_size, seed)
@@ -194,7 +195,11 @@ class Trainee:
         if self.amp is None:
             return contextlib.nullcontext()
         dtype = getattr(torch, AMP_DTYPES[self.amp])
-        return torch.autocast(self.device.type, dtype=dtype)
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(self.device.type, dtype=dtype))
+        stack.enter_context(
+            cpu_autocast_attention_guard(self.device.type, dtype))
+        return stack
 
     # -- one training step, in pieces (the memory account hooks in) -----
     def forward_loss(self) -> torch.Tensor:

@@ -8,6 +8,8 @@ from mmengine.dist import broadcast_object_list, get_dist_info, is_distributed
 from mmengine.optim import BaseOptimWrapper
 from torch.nn.parallel import DistributedDataParallel
 
+from apla_mm.compat import release_ddp_autograd_hooks
+
 
 def is_training(runner) -> bool:
     """Whether ``runner`` is inside ``Runner.train()``.
@@ -50,8 +52,7 @@ def rewrap_ddp(runner) -> bool:
         kwargs['detect_anomalous_params'] = old.detect_anomalous_params
     # Detach the old reducer's gradient hooks before the new wrapper adds
     # its own, so that no gradient is reduced twice.
-    if hasattr(old, '_remove_autograd_hooks'):
-        old._remove_autograd_hooks()
+    release_ddp_autograd_hooks(old)
     wrapper_cls = type(old)
     runner.model = None
     del old

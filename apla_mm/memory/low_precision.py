@@ -47,6 +47,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from apla_mm.compat import (register_load_state_dict_pre_hook,
+                             register_state_dict_post_hook)
+
 __all__ = ['FrozenLowPrecision', 'castable_frozen_parameters']
 
 _CAST_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
@@ -113,10 +116,10 @@ class FrozenLowPrecision:
         self.cast_()
         for module in {id(m): m for _, m, _ in self.entries}.values():
             # plain functions: torch tags public-API hooks with an attribute
-            self._hooks.append(module.register_state_dict_post_hook(
-                lambda *args: self._state_dict_hook(*args)))
-            self._hooks.append(module.register_load_state_dict_pre_hook(
-                lambda *args: self._load_hook(*args)))
+            self._hooks.append(register_state_dict_post_hook(
+                module, lambda *args: self._state_dict_hook(*args)))
+            self._hooks.append(register_load_state_dict_pre_hook(
+                module, lambda *args: self._load_hook(*args)))
 
     # ------------------------------------------------------------------
     def num_bytes_saved(self) -> int:

@@ -29,6 +29,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from apla_mm.compat import load_weights_only
+
 #: Start of a pre-1.6 (non-zip) ``torch.save`` file: pickle protocol 2 and
 #: torch's magic number. Such files carry no checksums.
 _LEGACY_MAGIC = b'\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19'
@@ -126,7 +128,7 @@ def load_checkpoint_file(path: str, map_location='cpu') -> dict:
     """
     verify_checkpoint_file(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return load_weights_only(path, map_location=map_location)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         raise CheckpointError(
             f'Cannot read checkpoint {path!r} safely: {_refusal(e)}. '
@@ -338,8 +340,7 @@ def checkpoint_meta(path: str) -> Dict:
     the tensors are not read)."""
     verify_checkpoint_file(path)
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True,
-                          mmap=zipfile.is_zipfile(path))
+        ckpt = load_weights_only(path, mmap=zipfile.is_zipfile(path))
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         raise CheckpointError(f'Cannot read checkpoint {path!r} safely: '
                               f'{_refusal(e)}.') from e

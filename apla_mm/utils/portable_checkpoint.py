@@ -20,6 +20,8 @@ from typing import Any, Optional
 
 import torch
 
+from apla_mm.compat import load_weights_only
+
 _PLAIN = (str, int, float, bool, type(None))
 
 
@@ -91,7 +93,7 @@ def publish_checkpoint(src: str, dst: str,
     if osp.exists(dst) and not overwrite:
         raise FileExistsError(
             f'{dst!r} exists; choose another file name or pass --overwrite.')
-    checkpoint = torch.load(src, map_location='cpu', weights_only=True)
+    checkpoint = load_weights_only(src)
     portable = portable_checkpoint(checkpoint)
     folder = osp.dirname(osp.abspath(dst))
     os.makedirs(folder, exist_ok=True)

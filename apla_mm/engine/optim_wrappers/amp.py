@@ -1,4 +1,5 @@
 """Mixed precision that also runs on a CPU."""
+from contextlib import contextmanager
 from typing import Union
 
 import torch
@@ -6,6 +7,7 @@ from mmengine.device import (is_cuda_available, is_mlu_available,
                              is_musa_available, is_npu_available)
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 
+from apla_mm.compat import cpu_autocast_attention_guard, grad_scaler
 from apla_mm.registry import OPTIM_WRAPPERS
 
 
@@ -20,7 +22,7 @@ class PortableAmpMixin:
     mmengine's wrapper asserts that an accelerator exists. On a CPU we use
     ``bfloat16`` autocast (the only dtype CPU autocast supports), which
     needs no loss scaling: the scaler is a disabled
-    :class:`torch.amp.GradScaler`, so ``backward``/``step``/``state_dict``
+    loss scaler (:func:`apla_mm.compat.grad_scaler`), so ``backward``/``step``/``state_dict``
     keep their usual behaviour. On accelerators nothing changes.
     """
 
@@ -42,8 +44,18 @@ class PortableAmpMixin:
                 f"{dtype}; remove `dtype` or set dtype='bfloat16'.")
         OptimWrapper.__init__(self, **kwargs)
         self._scale_update_param = None
-        self.loss_scaler = torch.amp.GradScaler('cpu', enabled=False)
+        self.loss_scaler = grad_scaler('cpu', enabled=False)
         self.cast_dtype = torch.bfloat16
+
+    @contextmanager
+    def optim_context(self, model):
+        """Autocast, with attention kept off kernels the running torch
+        cannot differentiate in low precision on a CPU
+        (:func:`apla_mm.compat.cpu_autocast_attention_guard`)."""
+        device = 'cuda' if _accelerator_available() else 'cpu'
+        with super().optim_context(model), \
+                cpu_autocast_attention_guard(device, self.cast_dtype):
+            yield
 
 
 @OPTIM_WRAPPERS.register_module()

@@ -46,6 +46,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from apla_mm.compat import (register_load_state_dict_pre_hook,
+                             register_state_dict_post_hook)
 from ..base import AdaptedLayer
 from ..swap import register_swap, restore_class, swap_class
 
@@ -225,9 +227,9 @@ def inject(layer: APLALayer, hooks: dict) -> None:
         and type(m).forward is nn.Linear.forward
     swap_class(m, APLA_LINEAR if plain_linear else APLA_ROUTED)
     hooks[layer.name + ':save'] = \
-        m.register_state_dict_post_hook(_drop_rows_from_state_dict)
+        register_state_dict_post_hook(m, _drop_rows_from_state_dict)
     hooks[layer.name + ':load'] = \
-        m.register_load_state_dict_pre_hook(_rows_from_state_dict)
+        register_load_state_dict_pre_hook(m, _rows_from_state_dict)
 
 
 def eject(layer: APLALayer) -> None:

@@ -1,0 +1,195 @@
+"""Every place where apla_mm depends on which torch it runs on.
+
+apla_mm supports torch 2.1.2 to 2.13.0 (both ends run the whole test suite in
+CI; ``setup.py`` states the same range). Each function here hides one API
+difference inside that range, says why it exists, and which versions it was
+checked on. Nothing here patches torch: each shim calls the API the running
+torch has.
+
+Checked on torch 2.1.2 and 2.13.0.
+"""
+import _compat_pickle
+import codecs
+import contextlib
+import pickle
+from types import SimpleNamespace
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
+
+
+def _version(text: str) -> tuple:
+    return tuple(int(p) for p in text.split('+')[0].split('.')[:2]
+                 if p.isdigit())
+
+
+#: ``(major, minor)`` of the running torch.
+TORCH_VERSION = _version(torch.__version__)
+
+
+class TorchTooOld(RuntimeError):
+    """A feature that needs a newer torch than the one installed."""
+
+    def __init__(self, feature: str, needs: str) -> None:
+        super().__init__(
+            f'{feature} needs torch >= {needs}; this is torch '
+            f'{torch.__version__}. Install a newer torch (apla_mm is tested '
+            'up to 2.13.0: `bash tools/install.sh` builds that stack), or '
+            'turn the feature off.')
+
+
+# -- state-dict hooks -------------------------------------------------------
+# Public ``register_state_dict_post_hook`` and ``register_load_state_dict_
+# pre_hook`` arrived in torch 2.5. Older torch has the same hooks under
+# private names (torch 2.1: ``_register_state_dict_hook``, called as
+# ``hook(module, state_dict, prefix, local_metadata)``, and
+# ``_register_load_state_dict_pre_hook(hook, with_module=True)``, called as
+# ``hook(module, state_dict, prefix, local_metadata, strict, missing_keys,
+# unexpected_keys, error_msgs)``): the signatures the public ones kept.
+def register_state_dict_post_hook(module: nn.Module,
+                                  hook: Callable) -> RemovableHandle:
+    """Call ``hook(module, state_dict, prefix, local_metadata)`` after
+    ``module.state_dict()`` has filled its entries (edit in place)."""
+    public = getattr(module, 'register_state_dict_post_hook', None)
+    if public is not None:
+        return public(hook)
+    return module._register_state_dict_hook(hook)
+
+
+def register_load_state_dict_pre_hook(module: nn.Module,
+                                      hook: Callable) -> RemovableHandle:
+    """Call ``hook(module, state_dict, prefix, local_metadata, strict,
+    missing_keys, unexpected_keys, error_msgs)`` before ``module`` loads its
+    entries of a state dict."""
+    public = getattr(module, 'register_load_state_dict_pre_hook', None)
+    if public is not None:
+        return public(hook)
+    return module._register_load_state_dict_pre_hook(hook, with_module=True)
+
+
+# -- mixed precision ----------------------------------------------------------
+def grad_scaler(device_type: str, enabled: bool = True, **kwargs: Any):
+    """A loss scaler for ``device_type``.
+
+    ``torch.amp.GradScaler(device)`` arrived in torch 2.3; before, only
+    ``torch.cuda.amp.GradScaler`` existed. A disabled scaler does nothing on
+    any device, so the CUDA class serves as the disabled scaler there.
+
+    Raises:
+        TorchTooOld: An enabled scaler for a device other than CUDA on
+            torch < 2.3.
+    """
+    amp_scaler = getattr(torch.amp, 'GradScaler', None)
+    if amp_scaler is not None:
+        return amp_scaler(device_type, enabled=enabled, **kwargs)
+    if device_type != 'cuda' and enabled:
+        raise TorchTooOld(f'Loss scaling (float16) on {device_type!r}', '2.3')
+    return torch.cuda.amp.GradScaler(enabled=enabled, **kwargs)
+
+
+def cpu_autocast_attention_guard(device_type: str,
+                                 dtype: Optional[torch.dtype]):
+    """A context for the forward pass of a CPU autocast step that keeps
+    ``F.scaled_dot_product_attention`` off torch's CPU flash kernel where
+    that kernel's low-precision backward corrupts memory.
+
+    torch 2.1.2's CPU flash-attention backward in bfloat16 aborts the process
+    ("double free or corruption") whenever the sequence length is not a
+    multiple of its block and batch x heads > 1 (pytorch/pytorch#132871,
+    reported on 2.1.2; reproduced here on 2.1.2, not on 2.13.0; 2.2-2.4 not
+    checked, hence the bound). The guard is torch's own
+    ``torch.backends.cuda.sdp_kernel(enable_flash=False)``, whose flag the
+    CPU dispatch also reads there: attention then runs the math kernel
+    (more activation memory, same result). On CUDA, in float32 and on
+    torch >= 2.5 it does nothing.
+    """
+    if device_type != 'cpu' or dtype in (None, torch.float32) \
+            or TORCH_VERSION >= (2, 5):
+        return contextlib.nullcontext()
+    return torch.backends.cuda.sdp_kernel(enable_flash=False)
+
+
+# -- loading checkpoints weights-only -------------------------------------------
+# torch >= 2.4 lets a program extend the weights-only unpickler's allowlist
+# (``torch.serialization.add_safe_globals``); apla_mm adds mmengine's log
+# objects there on import (``utils/checkpoint_compat.py``), and torch >= 2.6
+# uses that unpickler by default. torch < 2.4 cannot extend it, so
+# :func:`load_weights_only` reads with a restricted unpickler of ours
+# instead: torch's own allowlist (``torch._weights_only_unpickler.
+# _get_allowed_globals``, private, checked on 2.1.2) plus the same mmengine
+# entries. torch < 2.6 loads with ``weights_only=False`` by default, so
+# mmengine's own loader needs nothing there.
+HAS_SAFE_GLOBALS = hasattr(torch.serialization, 'add_safe_globals')
+
+
+def _restricted_pickle_module() -> SimpleNamespace:
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    from apla_mm.utils.checkpoint_compat import mmengine_safe_globals
+    allowed: Dict[str, Any] = dict(_get_allowed_globals())
+    for entry in mmengine_safe_globals():
+        obj, name = entry if isinstance(entry, tuple) else \
+            (entry, f'{entry.__module__}.{entry.__qualname__}')
+        allowed[name] = obj
+    # dtypes torch 2.1's list lacks (pickled as ``torch.bfloat16``, ...)
+    allowed.update({str(t): t for t in (torch.bfloat16, torch.uint8,
+                                        torch.bool)})
+    allowed['torch.device'] = torch.device
+    # protocol 2 stores numpy's raw bytes as ``_codecs.encode(str, enc)``
+    # (numpy 1.x arrays); newer torch allows it by default too
+    allowed['_codecs.encode'] = codecs.encode
+
+    class RestrictedUnpickler(pickle.Unpickler):
+        """Resolves only allow-listed globals (the Python docs' recipe for
+        restricting globals)."""
+
+        def find_class(self, module: str, name: str) -> Any:
+            # protocol 2 names Python 2 modules (``__builtin__``); the
+            # default find_class maps them the same way
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+            obj = allowed.get(f'{module}.{name}')
+            if obj is None:
+                raise pickle.UnpicklingError(
+                    f'Unsupported global: GLOBAL {module}.{name} was not an '
+                    'allowed global by default')
+            return obj
+
+    def load(file, **kwargs):
+        return RestrictedUnpickler(file, **kwargs).load()
+
+    return SimpleNamespace(__name__='apla_mm_restricted_pickle',
+                           Unpickler=RestrictedUnpickler, load=load)
+
+
+def load_weights_only(f: Any,
+                      map_location: Any = 'cpu',
+                      mmap: Optional[bool] = None) -> Any:
+    """``torch.load`` that refuses anything but tensors, plain values and
+    mmengine's log objects, on every supported torch.
+
+    Raises:
+        pickle.UnpicklingError: The file holds another global.
+    """
+    kwargs = {} if mmap is None else dict(mmap=mmap)
+    if HAS_SAFE_GLOBALS:
+        return torch.load(f, map_location=map_location, weights_only=True,
+                          **kwargs)
+    return torch.load(f, map_location=map_location, weights_only=False,
+                      pickle_module=_restricted_pickle_module(), **kwargs)
+
+
+# -- DistributedDataParallel ----------------------------------------------------
+def release_ddp_autograd_hooks(ddp_module: nn.Module) -> None:
+    """Detach a ``DistributedDataParallel`` wrapper's gradient hooks from
+    the parameters it wrapped, so a new wrapper can take them over.
+
+    ``DistributedDataParallel._remove_autograd_hooks`` (private; present
+    from torch 2.0, checked on 2.1.2 and 2.13.0) is what DDP itself calls
+    when it is re-created; without it the old reducer would keep reducing
+    the parameters' gradients a second time.
+    """
+    remove = getattr(ddp_module, '_remove_autograd_hooks', None)
+    if remove is not None:
+        remove()
