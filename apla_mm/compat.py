@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
+from torch.utils import flop_counter
 from torch.utils.hooks import RemovableHandle
 
 
@@ -109,6 +110,34 @@ def cpu_autocast_attention_guard(device_type: str,
             or TORCH_VERSION >= (2, 5):
         return contextlib.nullcontext()
     return torch.backends.cuda.sdp_kernel(enable_flash=False)
+
+
+def cpu_flash_attention(query: torch.Tensor, key: torch.Tensor,
+                        value: torch.Tensor, dropout_p: float,
+                        is_causal: bool, scale: float) -> torch.Tensor:
+    """torch's CPU flash-attention kernel, called directly (the
+    benchmark's ``flash-cpu`` SDPA choice).
+
+    torch >= 2.2 names it ``aten._scaled_dot_product_flash_attention_for_
+    cpu``; torch 2.1 dispatches ``aten._scaled_dot_product_flash_
+    attention`` to it for CPU tensors.
+    """
+    aten = torch.ops.aten
+    if hasattr(aten, '_scaled_dot_product_flash_attention_for_cpu'):
+        return aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, dropout_p, is_causal, scale=scale)[0]
+    return aten._scaled_dot_product_flash_attention(
+        query, key, value, dropout_p, is_causal, False, scale=scale)[0]
+
+
+# -- counting operations ----------------------------------------------------------
+#: Whether ``torch.utils.flop_counter.FlopCounterMode`` attributes operations
+#: to modules by itself (its ``ModuleTracker``; torch 2.13 has it). torch
+#: 2.1 does so only for modules passed to it, through hooks that re-pack a
+#: module's inputs and break modules that take a list (mmseg's necks and
+#: heads): there the benchmark's ``--flops`` reports totals without the
+#: split per part.
+FLOPS_PER_MODULE = hasattr(flop_counter, 'ModuleTracker')
 
 
 # -- loading checkpoints weights-only -------------------------------------------

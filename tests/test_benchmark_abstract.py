@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from apla_mm.compat import FLOPS_PER_MODULE
 from apla_mm.benchmark.abstract import (AbstractCompute, check_all_fake,
                                         fake_parameters, is_fake,
                                         new_fake_mode)
@@ -439,16 +440,20 @@ def test_step_flops_real_equal_abstract_and_frozen_is_the_floor():
     assert full['forward'] == frozen['forward'] == apla['forward']
     assert frozen['backward'] < apla['backward'] < full['backward']
     parts = full['forward_by_part']
-    assert set(parts) == {'backbone', 'neck', 'decode_head',
-                          'auxiliary_head'}
-    assert all(p > 0 for p in parts.values())
-    assert sum(parts.values()) <= full['forward']
     for other in (frozen, apla, cp):
         assert other['forward_by_part'] == parts
     # checkpointing recomputes (part of: non-reentrant checkpointing stops
     # once the saved tensors are back) the blocks' forward in backward
     recomputed = cp['backward'] - apla['backward']
-    assert 0 < recomputed < parts['backbone']
+    assert 0 < recomputed
+    if FLOPS_PER_MODULE:
+        assert set(parts) == {'backbone', 'neck', 'decode_head',
+                              'auxiliary_head'}
+        assert all(p > 0 for p in parts.values())
+        assert sum(parts.values()) <= full['forward']
+        assert recomputed < parts['backbone']
+    else:  # torch 2.1: totals only
+        assert parts == {}
     assert cp['forward'] == apla['forward']
     ratios = {r['name']: r['ratios']['flops']
               for r in fake_results['methods']}

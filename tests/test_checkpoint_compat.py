@@ -1,4 +1,6 @@
-"""mmengine checkpoints load with torch's default weights-only unpickler."""
+"""mmengine checkpoints load weights-only: with torch's default unpickler
+on torch >= 2.6 (what mmengine's own loader then uses), and through
+:func:`apla_mm.compat.load_weights_only` on every supported torch."""
 import pickle
 
 import numpy as np
@@ -7,6 +9,7 @@ import torch
 from mmengine.logging import HistoryBuffer, MessageHub
 
 import apla_mm  # noqa: F401  (registers the allowlist)
+from apla_mm.compat import HAS_SAFE_GLOBALS, TORCH_VERSION, load_weights_only
 from apla_mm.utils.checkpoint_compat import (history_buffer_getattr,
                                              register_checkpoint_safe_globals)
 
@@ -23,11 +26,23 @@ def _mmengine_like_checkpoint():
         message_hub=hub.state_dict())
 
 
-def test_message_hub_checkpoint_loads_weights_only(tmp_path):
-    assert register_checkpoint_safe_globals()
+def _loaders():
+    """Each weights-only loader the running torch has."""
+    loaders = [load_weights_only]
+    if TORCH_VERSION >= (2, 6):  # weights_only=True is torch's default
+        loaders.append(torch.load)
+    return loaders
+
+
+def test_allowlist_registered_where_torch_has_one():
+    assert register_checkpoint_safe_globals() == HAS_SAFE_GLOBALS
+
+
+@pytest.mark.parametrize('load', _loaders(), ids=lambda f: f.__name__)
+def test_message_hub_checkpoint_loads_weights_only(tmp_path, load):
     path = tmp_path / 'ckpt.pth'
     torch.save(_mmengine_like_checkpoint(), path)
-    loaded = torch.load(path)  # weights_only=True is torch's default
+    loaded = load(path)
     buffers = loaded['message_hub']['log_scalars']
     assert isinstance(buffers['train/loss'], HistoryBuffer)
     assert buffers['train/loss'].mean() == pytest.approx(1.0)
@@ -40,18 +55,20 @@ class _Evil:
         return getattr, (np.ndarray, 'fill')
 
 
-def test_other_getattr_calls_are_still_refused(tmp_path):
+@pytest.mark.parametrize('load', _loaders(), ids=lambda f: f.__name__)
+def test_other_getattr_calls_are_still_refused(tmp_path, load):
     path = tmp_path / 'evil.pth'
     torch.save({'x': _Evil()}, path)
     with pytest.raises(pickle.UnpicklingError, match='HistoryBuffer'):
-        torch.load(path)
+        load(path)
     with pytest.raises(pickle.UnpicklingError):
         history_buffer_getattr(np, 'load')
     assert history_buffer_getattr(HistoryBuffer, 'mean') is HistoryBuffer.mean
 
 
-def test_arbitrary_globals_are_still_refused(tmp_path):
+@pytest.mark.parametrize('load', _loaders(), ids=lambda f: f.__name__)
+def test_arbitrary_globals_are_still_refused(tmp_path, load):
     path = tmp_path / 'evil2.pth'
     torch.save({'f': np.load}, path)
     with pytest.raises(pickle.UnpicklingError):
-        torch.load(path)
+        load(path)

@@ -174,6 +174,8 @@ class DataDependentFallback(TorchDispatchMode):
             out = func(*args, **kwargs)
             if func in _BATCH_NORMS:
                 out = _float_statistics(args[0], out)
+            elif func in _CPU_FLASH_ATTENTION:
+                out = _long_sequence_offsets(args[0], out)
             return out
         except DataDependentOutputException:
             if func is torch.ops.aten._local_scalar_dense.default:
@@ -222,6 +224,25 @@ def _float_statistics(x: torch.Tensor, out):
     fixed = [o.float() if isinstance(o, torch.Tensor) and
              o.dtype == x.dtype and o.dim() == 1 else o for o in out[1:3]]
     return (out[0], *fixed, *out[3:])
+
+
+_CPU_FLASH_ATTENTION = {
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+}
+
+
+def _long_sequence_offsets(q: torch.Tensor, out):
+    """Flash attention on a CPU: the kernel returns ``cum_seq_q`` and
+    ``cum_seq_k`` (outputs 2 and 3, saved for backward) as int64 scalars;
+    torch 2.1's meta function gives them int32 (torch 2.13's agrees with
+    the kernel, and then nothing changes here)."""
+    if q.device.type != 'cpu' or not isinstance(out, tuple) or \
+            len(out) < 4:
+        return out
+    fixed = [o.long() if isinstance(o, torch.Tensor) and
+             o.dtype == torch.int32 and o.dim() == 0 else o
+             for o in out[2:4]]
+    return (*out[:2], *fixed, *out[4:])
 
 
 def _masks_to_indices(indices: list) -> list:

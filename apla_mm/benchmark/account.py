@@ -259,8 +259,11 @@ class SavedTensorRecorder:
         seen = set()
         entries = []
         for rec in self._records:
-            if rec.region >= 0 or rec.ref() is None:
-                continue  # region tensor, or freed with its graph node
+            if rec.region >= 0 or rec.ref() is None or rec.nbytes == 0:
+                # region tensor, freed with its graph node, or empty (torch
+                # 2.1's checkpoint saves an empty placeholder per region,
+                # which a fake tensor shows without a storage key)
+                continue
             if rec.key is not None:
                 if rec.key in excluded or rec.key in seen or rec.key[1] == 0:
                     continue
@@ -280,6 +283,8 @@ class SavedTensorRecorder:
             region_seen = set()
             kept = []
             for rec in recs:
+                if rec.nbytes == 0:
+                    continue
                 if rec.key is not None:
                     if rec.key in excluded or rec.key in seen \
                             or rec.key in region_seen or rec.key[1] == 0:

@@ -88,7 +88,10 @@ def make_batch(task: str, model: torch.nn.Module, cfg, size: int,
     g = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     if task == 'backbone':
-        inputs = torch.randn(batch, 3, size, size, generator=g)
+        # random 8-bit images, centred: torch 2.1's fake mode cannot draw
+        # normal samples from a generator (``torch._refs.normal`` asserts)
+        inputs = (torch.randint(0, 256, (batch, 3, size, size),
+                                generator=g).float() - 127.5) / 64.0
         labels = torch.randint(0, _num_classes(cfg, task), (batch, ),
                                generator=g)
         return inputs.to(device), labels.to(device)

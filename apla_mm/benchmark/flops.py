@@ -52,7 +52,8 @@ def count_step_flops(trainee) -> dict:
         dict: ``forward`` (with the losses), ``backward`` (with any
         recomputation), ``total``, and ``forward_by_part``: the forward
         operations of each top-level module (``backbone``, ``decode_head``,
-        ...; the backward pass is not attributed to modules).
+        ...; the backward pass is not attributed to modules; empty where
+        torch cannot attribute, see :data:`apla_mm.compat.FLOPS_PER_MODULE`).
     """
     trainee.zero_grad()
     with trainee.compute():

@@ -39,6 +39,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from apla_mm.compat import cpu_flash_attention
+
 __all__ = ['SDPA_BACKENDS', 'SDPABackend', 'check_backend']
 
 SDPA_BACKENDS = ('auto', 'math', 'flash-cpu', 'flash', 'efficient', 'cudnn')
@@ -128,8 +130,8 @@ class SDPABackend:
             raise ValueError(f'SDPA backend {b!r} takes no attention mask; '
                              "use 'efficient', 'math' or 'auto'.")
         if b == 'flash-cpu':
-            return aten._scaled_dot_product_flash_attention_for_cpu(
-                query, key, value, dropout_p, is_causal, scale=scale)[0]
+            return cpu_flash_attention(query, key, value, dropout_p,
+                                       is_causal, scale)
         if b == 'flash':
             return aten._scaled_dot_product_flash_attention(
                 query, key, value, dropout_p, is_causal, False,

@@ -197,9 +197,16 @@ class Trainee:
         dtype = getattr(torch, AMP_DTYPES[self.amp])
         stack = contextlib.ExitStack()
         stack.enter_context(torch.autocast(self.device.type, dtype=dtype))
-        stack.enter_context(
-            cpu_autocast_attention_guard(self.device.type, dtype))
+        stack.enter_context(self._attention_guard())
         return stack
+
+    def _attention_guard(self):
+        """Forward and backward (which may recompute checkpointed blocks)
+        keep attention off kernels this torch cannot differentiate in low
+        precision on a CPU (:func:`~apla_mm.compat.
+        cpu_autocast_attention_guard`)."""
+        dtype = getattr(torch, AMP_DTYPES[self.amp]) if self.amp else None
+        return cpu_autocast_attention_guard(self.device.type, dtype)
 
     # -- one training step, in pieces (the memory account hooks in) -----
     def forward_loss(self) -> torch.Tensor:
@@ -216,7 +223,8 @@ class Trainee:
         """
         if self.scaler is not None:
             loss = self.scaler.scale(loss)
-        loss.backward()
+        with self._attention_guard():
+            loss.backward()
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

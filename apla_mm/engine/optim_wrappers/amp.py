@@ -47,15 +47,23 @@ class PortableAmpMixin:
         self.loss_scaler = grad_scaler('cpu', enabled=False)
         self.cast_dtype = torch.bfloat16
 
+    def _attention_guard(self):
+        device = 'cuda' if _accelerator_available() else 'cpu'
+        return cpu_autocast_attention_guard(device, self.cast_dtype)
+
     @contextmanager
     def optim_context(self, model):
         """Autocast, with attention kept off kernels the running torch
         cannot differentiate in low precision on a CPU
         (:func:`apla_mm.compat.cpu_autocast_attention_guard`)."""
-        device = 'cuda' if _accelerator_available() else 'cpu'
-        with super().optim_context(model), \
-                cpu_autocast_attention_guard(device, self.cast_dtype):
+        with super().optim_context(model), self._attention_guard():
             yield
+
+    def backward(self, loss, **kwargs) -> None:
+        """Backward under the same guard: checkpointed blocks recompute
+        their forward here and must pick the same attention kernel."""
+        with self._attention_guard():
+            super().backward(loss, **kwargs)
 
 
 @OPTIM_WRAPPERS.register_module()
