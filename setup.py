@@ -1,10 +1,12 @@
 """Packaging for apla_mm.
 
 The OpenMMLab stack is pinned to the versions that work together today:
-mmcv 2.1.0 (mmseg 1.2.2 and mmdet 3.3.0 assert mmcv < 2.2.0) must be built
-from source against torch <= 2.13 (its C++17 build rejects newer torch
-headers). ``tools/install.sh`` performs that build; a plain ``pip install``
-of this package expects torch and mmcv to be present already.
+mmcv 2.1.0 (mmseg 1.2.2 and mmdet 3.3.0 assert mmcv < 2.2.0) comes prebuilt
+from OpenMMLab for torch 2.1 and must be built from source for newer torch,
+up to 2.13 (its C++17 build rejects newer torch headers). CI tests both ends,
+torch 2.1.2 and 2.13.0 (``tools/constraints/``). ``tools/install.sh``
+performs the build; a plain ``pip install`` of this package expects torch
+and mmcv to be present already.
 """
 import os
 import os.path as osp
@@ -57,7 +59,8 @@ def read_readme() -> str:
 
 
 install_requires = [
-    'torch>=2.1,<=2.13.0',
+    # Exactly the two ends CI tests (tools/constraints/torch-*.txt).
+    'torch>=2.1.2,<=2.13.0',
     'torchvision',
     'mmcv>=2.0.0,<2.2.0',
     'mmengine==0.10.7',
@@ -92,7 +95,7 @@ setup(
     long_description=read_readme(),
     long_description_content_type='text/markdown',
     license='Apache-2.0',
-    python_requires='>=3.9',
+    python_requires='>=3.10,<3.13',
     packages=find_packages(include=['apla_mm', 'apla_mm.*']),
     include_package_data=True,
     package_data={'apla_mm': ['.mim/configs/**/*.py']},
@@ -100,6 +103,9 @@ setup(
     extras_require=extras_require,
     classifiers=[
         'Programming Language :: Python :: 3',
+        'Programming Language :: Python :: 3.10',
+        'Programming Language :: Python :: 3.11',
+        'Programming Language :: Python :: 3.12',
         'Topic :: Scientific/Engineering :: Artificial Intelligence',
     ],
 )
