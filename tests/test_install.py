@@ -125,6 +125,24 @@ def test_install_refuses_unknown_arguments_and_empty_wheelhouse(tmp_path):
     assert not venv.exists()
 
 
+def test_install_refuses_pythons_outside_the_range(tmp_path):
+    venv = tmp_path / 'venv'
+    fake = tmp_path / 'python3.13'
+    fake.write_text('#!/bin/sh\necho 3.13\n')
+    fake.chmod(0o755)
+    result = _bash('tools/install.sh', env=dict(APLA_VENV=str(venv),
+                                                PYTHON=str(fake)))
+    assert result.returncode == 1
+    assert 'Python 3.13 is not supported (3.10-3.12)' in result.stderr
+    fake.write_text('#!/bin/sh\necho 3.12\n')
+    result = _bash('tools/install.sh', env=dict(APLA_VENV=str(venv),
+                                                PYTHON=str(fake),
+                                                APLA_TORCH='2.1.2'))
+    assert result.returncode == 1
+    assert 'torch 2.1.2 has no wheels for Python 3.12' in result.stderr
+    assert not venv.exists()
+
+
 def test_make_wheelhouse_never_writes_into_a_used_folder(tmp_path):
     (tmp_path / 'keep.whl').write_text('x')
     result = _bash('tools/make_wheelhouse.sh', str(tmp_path))

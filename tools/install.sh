@@ -63,6 +63,19 @@ if [[ -n "$WHEELHOUSE" ]] && [[ ! -f "$WHEELHOUSE/requirements.txt" ]]; then
   die "$WHEELHOUSE has no requirements.txt: make the folder with tools/make_wheelhouse.sh"
 fi
 
+# The interpreter the venv has (or will have) must suit the stack.
+PYBIN="$VENV/bin/python"
+[[ -x "$PYBIN" ]] || PYBIN="$PYTHON"
+PYV=$("$PYBIN" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")') ||
+  die "cannot run $PYBIN (set PYTHON=python3.11 or another interpreter)"
+case "$PYV" in
+  3.10|3.11|3.12) ;;
+  *) die "Python $PYV is not supported (3.10-3.12); choose one with PYTHON=python3.12 (or remove $VENV if it was made with another)" ;;
+esac
+if [[ "$TORCH_VERSION" == "2.1.2" && "$PYV" == "3.12" && -z "$WHEELHOUSE" ]]; then
+  die "torch 2.1.2 has no wheels for Python 3.12; use PYTHON=python3.11 (or 3.10) for APLA_TORCH=2.1.2"
+fi
+
 if [[ ! -x "$VENV/bin/python" ]]; then
   log "creating virtual environment $VENV"
   "$PYTHON" -m venv "$VENV"
