@@ -16,7 +16,8 @@
 # CUDA driver). apla_mm needs torch 2.1.2 ... 2.13.0 there.
 #
 # Options:
-#   --python X.Y      the target's Python (default: the one running pip here)
+#   --python X.Y      the target's Python (default: python3 here, or $PYTHON);
+#                     resolved with a Python X.Y of this machine if it has one
 #   --stack VERSION   the torch stack whose pins apply (tools/constraints/
 #                     torch-VERSION.txt; default 2.13.0; 2.1.2 pins numpy<2)
 #   --exclude NAME    leave a distribution out because the target has it, e.g.
@@ -45,7 +46,19 @@ done
 [[ -n "$DIR" ]] || { echo "usage: make_wheelhouse.sh DIR [--python X.Y] [--stack V] [--exclude NAME]..." >&2; exit 2; }
 CONSTRAINTS="$ROOT/tools/constraints/torch-$STACK.txt"
 [[ -f "$CONSTRAINTS" ]] || { echo "make_wheelhouse.sh: no stack '$STACK' (tools/constraints/)" >&2; exit 2; }
-PYVER="${PYVER:-$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')}"
+pyver() { "$1" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")' 2>/dev/null || echo none; }
+PYVER="${PYVER:-$(pyver "$PY")}"
+# pip evaluates environment markers (`tomli; python_version < "3.11"`) for the
+# Python that runs it, whatever --python-version says: resolve with the
+# target's Python where this machine has one.
+if [[ "$(pyver "$PY")" != "$PYVER" ]]; then
+  for candidate in "python$PYVER" "$(pyenv root 2>/dev/null)/versions/$PYVER"*/bin/python; do
+    if command -v "$candidate" >/dev/null 2>&1 && [[ "$(pyver "$candidate")" == "$PYVER" ]]; then
+      PY="$(command -v "$candidate")"; break
+    fi
+  done
+  [[ "$(pyver "$PY")" == "$PYVER" ]] || echo "make_wheelhouse.sh: warning: no Python $PYVER here; requirements that apply only on $PYVER (environment markers) are resolved for $(pyver "$PY") and may be missing" >&2
+fi
 ABI="cp${PYVER/./}"
 if [[ -e "$DIR" ]] && [[ -n "$(ls -A "$DIR")" ]]; then
   echo "make_wheelhouse.sh: $DIR exists and is not empty; choose a new folder" >&2; exit 2
@@ -72,7 +85,7 @@ for glibc in 17 24 27 28 31 34 35 38 39; do PLATFORMS+=(--platform "manylinux_2_
 TARGET=(--only-binary=:all: --python-version "$PYVER" --implementation cp --abi "$ABI" "${PLATFORMS[@]}")
 PIP=("$PY" -m pip --isolated --disable-pip-version-check)
 
-log "resolving for Python $PYVER ($ABI, manylinux x86_64), stack torch $STACK"
+log "resolving for Python $PYVER ($ABI, manylinux x86_64) with $PY, stack torch $STACK"
 REPORT="$DIR/.resolve.json"
 "${PIP[@]}" install --quiet --dry-run --ignore-installed --report "$REPORT" \
   --target "$DIR/.resolve-target" "${TARGET[@]}" -c "$CONSTRAINTS" "${REQUIREMENTS[@]}"
