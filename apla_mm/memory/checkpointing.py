@@ -34,7 +34,7 @@ is restored for the recomputation, so dropout draws the same masks).
 Batch-norm layers update their running statistics once per step as without
 checkpointing: the recomputation restores them afterwards. Forward outputs,
 losses and gradients are those of the unmodified modules
-(``tests/test_memory_checkpointing.py``).
+(``tests/test_memory_structural.py``, ``test_checkpoint_heads_*``).
 
 Upstream: ``mmseg/models/necks/multilevel_neck.py``,
 ``mmseg/models/decode_heads/uper_head.py`` (whose forward the two region

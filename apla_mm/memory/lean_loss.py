@@ -32,7 +32,7 @@ time, so that the full-resolution logits never exist at once:
   backward).
 
 Same losses and gradients as stock mmseg to float summation order
-(``tests/test_memory_lean_loss.py``). Outside training (no grad, or
+(``tests/test_memory_structural.py``, ``test_lean_loss_*``). Outside training (no grad, or
 logits that need none) the head's original method runs.
 
 Upstream: ``mmseg/models/decode_heads/decode_head.py`` (``loss_by_feat``),

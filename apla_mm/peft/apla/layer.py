@@ -16,7 +16,7 @@ Which side is authoritative when:
 
 * the module's own ``weight``/``bias`` stay frozen and always hold the
   **merged** values. Before training the rows are copied *from* them
-  (``refresh_rows_``, after the weights were initialised or loaded); after
+  (``adapter.refresh_()``, after the weights were initialised or loaded); after
   every optimizer step the rows are copied *into* them (``sync_``, run by an
   optimizer step post-hook). So forward passes, ``state_dict()`` and
   checkpoints always see the plain model with the trained rows in place;

@@ -53,7 +53,7 @@ class APLAAdapter(BaseAdapter):
     frozen W_O; :class:`~apla_mm.engine.APLAHook` instead moves an optimizer
     that was built on the unmodified model onto the rows, see
     :meth:`replacements`.) After loading other weights into the model, call
-    :meth:`refresh_` (``refresh_rows_``) so that the rows are theirs.
+    :meth:`refresh_` so that the rows are theirs.
 
     ``torch.save(model)`` and :func:`copy.deepcopy` work on the adapted
     model (:mod:`apla_mm.peft.swap`), but the copy has no adapter driving
@@ -151,7 +151,7 @@ class APLAAdapter(BaseAdapter):
                 list(indices[layer.name]), dtype=torch.long)
             buf.copy_(value.sort().values.to(buf.device))
         self._selected = True
-        self.refresh_rows_()
+        self.refresh_()
 
     def indices(self) -> Dict[str, List[int]]:
         """Selected channels per layer (all channels for ``'full'``)."""
@@ -172,13 +172,11 @@ class APLAAdapter(BaseAdapter):
         for layer in self.layers:
             rows_to_weights_(layer)
 
-    def refresh_rows_(self) -> None:
+    def refresh_(self) -> None:
         """Copy the selected rows of the weights into the trainable rows
         (after the weights were initialised or loaded)."""
         for layer in self.layers:
             weights_to_rows_(layer)
-
-    refresh_ = refresh_rows_
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Keep the merged weights in step with the rows ``optimizer``
