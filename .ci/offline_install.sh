@@ -20,11 +20,18 @@ WORK="$ROOT/.ci-offline/py$XY"
 rm -rf "$WORK"
 mkdir -p "$WORK"
 
-bash tools/make_wheelhouse.sh "$WORK/wheelhouse" --python "$XY"
+timed() {  # timed NAME COMMAND...
+  local name="$1" start=$SECONDS
+  shift
+  "$@"
+  echo "[offline] $name took $(( SECONDS - start )) s"
+}
+timed "make_wheelhouse.sh (Python $XY)" bash tools/make_wheelhouse.sh "$WORK/wheelhouse" --python "$XY"
 "$PY" -m venv "$WORK/venv"
-"$WORK/venv/bin/python" -m pip --isolated --disable-pip-version-check install --quiet \
-  -c tools/constraints/torch-2.13.0.txt torch torchvision
+timed "the target's own torch (online)" "$WORK/venv/bin/python" -m pip --isolated \
+  --disable-pip-version-check install --quiet -c tools/constraints/torch-2.13.0.txt torch torchvision
 echo "[offline] installing without network (unshare -n)"
-unshare -n env APLA_VENV="$WORK/venv" bash tools/install.sh --wheelhouse "$WORK/wheelhouse"
+timed "install.sh --wheelhouse (no network)" \
+  unshare -n env APLA_VENV="$WORK/venv" bash tools/install.sh --wheelhouse "$WORK/wheelhouse"
 cd "$ROOT"
-"$WORK/venv/bin/python" -m pytest -n 2 tests/test_install.py tests/test_compat.py tests/test_dropin.py
+timed "smoke test" "$WORK/venv/bin/python" -m pytest -n 2 tests/test_install.py tests/test_compat.py tests/test_dropin.py
