@@ -11,6 +11,7 @@ Checked on torch 2.1.2 and 2.13.0.
 import _compat_pickle
 import codecs
 import contextlib
+import functools
 import pickle
 from types import SimpleNamespace
 from typing import Any, Callable, Dict, Optional
@@ -92,7 +93,8 @@ def grad_scaler(device_type: str, enabled: bool = True, **kwargs: Any):
 
 def cpu_autocast_attention_guard(device_type: str,
                                  dtype: Optional[torch.dtype]):
-    """A context for the forward pass of a CPU autocast step that keeps
+    """A context for a CPU autocast step's forward *and* backward (where
+    checkpointed blocks recompute their forward) that keeps
     ``F.scaled_dot_product_attention`` off torch's CPU flash kernel where
     that kernel's low-precision backward corrupts memory.
 
@@ -153,6 +155,7 @@ FLOPS_PER_MODULE = hasattr(flop_counter, 'ModuleTracker')
 HAS_SAFE_GLOBALS = hasattr(torch.serialization, 'add_safe_globals')
 
 
+@functools.lru_cache(maxsize=None)
 def _restricted_pickle_module() -> SimpleNamespace:
     from torch._weights_only_unpickler import _get_allowed_globals
 

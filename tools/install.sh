@@ -97,12 +97,11 @@ fi
 # Checks run from / so that the checkout itself is not importable as `apla_mm`.
 py_ok() { (cd / && python -c "$1") >/dev/null 2>&1; }
 
-# 1. torch + torchvision. Offline, the target's own torch is used (or the one
-#    in the wheelhouse, if it was made with --with-torch).
+# 1. torch + torchvision. Offline, the target's own torch is used.
 if [[ -n "$WHEELHOUSE" ]]; then
   log "installing the wheelhouse's packages ($(grep -c . "$WHEELHOUSE/requirements.txt") pinned, no dependency resolution, no network)"
   pip_install --no-deps -r "$WHEELHOUSE/requirements.txt"
-  py_ok "import torch, torchvision.ops" || die "no working torch/torchvision in $VENV: install the target's own torch first, or make the wheelhouse with --with-torch"
+  py_ok "import torch, torchvision.ops" || die "no working torch/torchvision in $VENV: install the target's own torch and torchvision into it first (wheelhouses leave them out)"
 elif [[ "${APLA_KEEP_TORCH:-0}" == "1" ]] && py_ok "import torch, torchvision.ops"; then
   log "keeping installed torch $(python -c 'import torch; print(torch.__version__)')"
 elif py_ok "import torch, torchvision.ops, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')"; then
@@ -127,10 +126,10 @@ fi
 
 # 4. mmcv with compiled ops, built against the torch above. The key names
 #    everything the compiled ops depend on; a venv records the key of its mmcv.
-WANT_CUDA_OPS=$(python -c "import os, torch; print(int(os.environ.get('FORCE_CUDA') == '1' or torch.cuda.is_available()))")
-MMCV_KEY=$(python - "$WANT_CUDA_OPS" <<'PY'
+MMCV_KEY=$(python - <<'PY'
 import os, sys, torch
-cuda_ops = sys.argv[1] == '1'
+# mmcv's setup.py compiles CUDA ops under the same condition
+cuda_ops = os.environ.get('FORCE_CUDA') == '1' or torch.cuda.is_available()
 ops = 'cuda-' + (os.environ.get('TORCH_CUDA_ARCH_LIST') or 'auto').replace(' ', '_').replace(';', '_') \
     if cuda_ops else 'cpu'
 print(f"cp{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}"

@@ -194,19 +194,23 @@ class Trainee:
         """``torch.autocast`` of the AMP dtype (a no-op in float32)."""
         if self.amp is None:
             return contextlib.nullcontext()
-        dtype = getattr(torch, AMP_DTYPES[self.amp])
         stack = contextlib.ExitStack()
-        stack.enter_context(torch.autocast(self.device.type, dtype=dtype))
+        stack.enter_context(
+            torch.autocast(self.device.type, dtype=self._amp_dtype))
         stack.enter_context(self._attention_guard())
         return stack
+
+    @property
+    def _amp_dtype(self) -> Optional[torch.dtype]:
+        return getattr(torch, AMP_DTYPES[self.amp]) if self.amp else None
 
     def _attention_guard(self):
         """Forward and backward (which may recompute checkpointed blocks)
         keep attention off kernels this torch cannot differentiate in low
         precision on a CPU (:func:`~apla_mm.compat.
         cpu_autocast_attention_guard`)."""
-        dtype = getattr(torch, AMP_DTYPES[self.amp]) if self.amp else None
-        return cpu_autocast_attention_guard(self.device.type, dtype)
+        return cpu_autocast_attention_guard(self.device.type,
+                                            self._amp_dtype)
 
     # -- one training step, in pieces (the memory account hooks in) -----
     def forward_loss(self) -> torch.Tensor:

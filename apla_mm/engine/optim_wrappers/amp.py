@@ -3,8 +3,9 @@ from contextlib import contextmanager
 from typing import Union
 
 import torch
-from mmengine.device import (is_cuda_available, is_mlu_available,
-                             is_musa_available, is_npu_available)
+from mmengine.device import (get_device, is_cuda_available,
+                             is_mlu_available, is_musa_available,
+                             is_npu_available)
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 
 from apla_mm.compat import cpu_autocast_attention_guard, grad_scaler
@@ -22,8 +23,9 @@ class PortableAmpMixin:
     mmengine's wrapper asserts that an accelerator exists. On a CPU we use
     ``bfloat16`` autocast (the only dtype CPU autocast supports), which
     needs no loss scaling: the scaler is a disabled
-    loss scaler (:func:`apla_mm.compat.grad_scaler`), so ``backward``/``step``/``state_dict``
-    keep their usual behaviour. On accelerators nothing changes.
+    loss scaler (:func:`apla_mm.compat.grad_scaler`), so ``backward``/
+    ``step``/``state_dict`` keep their usual behaviour. On accelerators
+    nothing changes.
     """
 
     def __init__(self,
@@ -31,6 +33,7 @@ class PortableAmpMixin:
                  dtype: Union[str, torch.dtype, None] = None,
                  use_fsdp: bool = False,
                  **kwargs) -> None:
+        self._device_type = get_device()  # 'cpu' without an accelerator
         if _accelerator_available():
             super().__init__(
                 loss_scale=loss_scale, dtype=dtype, use_fsdp=use_fsdp,
@@ -48,8 +51,8 @@ class PortableAmpMixin:
         self.cast_dtype = torch.bfloat16
 
     def _attention_guard(self):
-        device = 'cuda' if _accelerator_available() else 'cpu'
-        return cpu_autocast_attention_guard(device, self.cast_dtype)
+        return cpu_autocast_attention_guard(self._device_type,
+                                            self.cast_dtype)
 
     @contextmanager
     def optim_context(self, model):
