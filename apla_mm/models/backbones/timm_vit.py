@@ -1,5 +1,7 @@
 """A timm Vision Transformer (ViT, DINOv2, EVA-02, SAM, BEiT, ...) as a
 multi-level dense-prediction backbone."""
+import inspect
+import logging
 import os.path as osp
 import re
 import sys
@@ -16,19 +18,7 @@ def _is_remote(path: str) -> bool:
     return '://' in path or path.startswith(('hf-hub:', 'hf_hub:', 'timm/'))
 
 
-def load_local_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """Read a state dict from a local ``.pth``/``.pt``/``.bin``/
-    ``.safetensors`` file (weights only, never from a hub).
-
-    Checkpoints that wrap the weights in a ``state_dict`` or ``model`` key
-    (mmengine, MAE, DeiT) are unwrapped and a ``module.`` prefix is removed.
-
-    Args:
-        path (str): Local file path.
-
-    Returns:
-        dict: Parameter name to tensor.
-    """
+def _check_local(path: str) -> None:
     if _is_remote(path):
         raise ValueError(
             f'Pretrained weights are read from local files only, got {path!r}.'
@@ -38,9 +28,45 @@ def load_local_state_dict(path: str) -> Dict[str, torch.Tensor]:
     if not osp.isfile(path):
         raise FileNotFoundError(
             f'Pretrained checkpoint {path!r} does not exist. Give the local '
-            "path of a .pth/.safetensors file in init_cfg['checkpoint'].")
+            "path of a .pth/.safetensors/.npz file in init_cfg['checkpoint']"
+            '.')
+
+
+#: Keys under which training scripts wrap the weights (mmengine, MAE, DeiT,
+#: BEiT: ``model``; DeepSpeed, EVA: ``module``).
+_WRAPPERS = ('state_dict', 'model', 'module')
+
+
+def load_local_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """Read a state dict from a local ``.pth``/``.pt``/``.bin``/
+    ``.safetensors`` file (weights only, never from a hub).
+
+    Checkpoints that wrap the weights in a ``state_dict``, ``model`` or
+    ``module`` key (mmengine, MAE, DeiT, BEiT, EVA) are unwrapped and a
+    ``module.`` prefix is removed. ``.npz`` files are read by
+    :meth:`TimmViT.load_pretrained` (timm's reader needs the model).
+
+    Args:
+        path (str): Local file path.
+
+    Returns:
+        dict: Parameter name to tensor.
+    """
+    _check_local(path)
+    if path.endswith('.npz'):
+        raise ValueError(
+            f'{path!r} is a .npz (JAX/big_vision) file: load it with '
+            "TimmViT(init_cfg=dict(type='Pretrained', checkpoint=...)), "
+            "or convert it for mmseg's VisionTransformer with mmseg's "
+            'tools/model_converters/vitjax2mmseg.py.')
     from timm.models import load_state_dict
-    return load_state_dict(path, use_ema=False, weights_only=True)
+    state_dict = load_state_dict(path, use_ema=False, weights_only=True)
+    for _ in range(2):  # e.g. {'model': {'module': ...}}
+        wrapped = [k for k in _WRAPPERS if isinstance(state_dict.get(k), dict)]
+        if not wrapped:
+            break
+        state_dict = state_dict[wrapped[0]]
+    return state_dict
 
 
 #: Optional ``timm.create_model`` arguments TimmViT adds itself; families
@@ -172,10 +198,16 @@ class TimmViT(BaseModule):
         self.out_indices: Tuple[int, ...] = tuple(indices)
         self.output_norm = output_norm
         self.model_name = model_name
+        full_keys = set(vit.state_dict())
         vit.prune_intermediate_layers(
             list(self.out_indices), prune_norm=not output_norm,
             prune_head=True)
         self.vit = vit
+        # Names of what pruning removed: a checkpoint's entries for them are
+        # left out on purpose (named in the load log).
+        self._pruned_keys = frozenset(full_keys - set(vit.state_dict()))
+        #: What the last :meth:`load_pretrained` loaded and left out.
+        self.pretrained_report: Optional[dict] = None
         self.embed_dim: int = vit.embed_dim
         self.patch_size: Tuple[int, int] = tuple(vit.patch_embed.patch_size)
         self.frozen = frozen
@@ -200,60 +232,107 @@ class TimmViT(BaseModule):
                         prefix: Optional[str] = None) -> List[str]:
         """Load weights from a local file into the ViT.
 
+        Reads the family's published layouts (see :doc:`docs/weights.md`):
+        timm's own files, the original releases timm's
+        ``checkpoint_filter_fn`` converts (DINOv2 torch hub, SAM, EVA-02,
+        BEiT, MAE, DeiT/DeiT-III, open_clip/OpenAI CLIP), big_vision/AugReg
+        ``.npz`` files, and the Hugging Face ``transformers`` DINOv2 and SAM
+        layouts (:mod:`~apla_mm.models.backbones.checkpoint_layouts`). The
+        log names what the file holds and the backbone leaves out on
+        purpose (a decoder, a text tower, a head, pruned blocks); entries it
+        cannot name and entries missing from the file are logged as
+        warnings and reported to a PEFT run's load guard.
+
         Args:
-            path (str): ``.pth``/``.pt``/``.bin``/``.safetensors`` file.
+            path (str): ``.pth``/``.pt``/``.bin``/``.safetensors``/``.npz``
+                file.
             prefix (str, optional): Keep only keys starting with ``prefix``
-                and strip it.
+                and strip it (not for ``.npz``).
 
         Returns:
             list[str]: ViT parameter names the file did not provide.
         """
-        state_dict = load_local_state_dict(path)
-        if prefix:
-            state_dict = {
-                k[len(prefix):]: v
-                for k, v in state_dict.items() if k.startswith(prefix)
-            }
-        filter_fn = getattr(
-            sys.modules[type(self.vit).__module__], 'checkpoint_filter_fn',
-            None)
-        if filter_fn is not None:
-            state_dict = filter_fn(state_dict, self.vit)
+        from .checkpoint_layouts import (Layout, classify_unused,
+                                         convert_layout, npz_state_dict,
+                                         summarise)
+        if path.endswith('.npz'):
+            _check_local(path)
+            state_dict, head = npz_state_dict(self.vit, path)
+            layout = Layout('big_vision/AugReg .npz', state_dict,
+                            {'classifier/pooling head': head} if head else {})
+        else:
+            raw = load_local_state_dict(path)
+            if prefix:
+                raw = {
+                    k[len(prefix):]: v
+                    for k, v in raw.items() if k.startswith(prefix)
+                }
+            layout = convert_layout(raw)
+            state_dict = layout.state_dict
+            filter_fn = getattr(
+                sys.modules[type(self.vit).__module__], 'checkpoint_filter_fn',
+                None)
+            if filter_fn is not None and state_dict:
+                kwargs = {}
+                if 'adapt_layer_scale' in inspect.signature(
+                        filter_fn).parameters:
+                    # DeiT-III's gamma_1/gamma_2 (timm passes this for its
+                    # deit3 models only; no other ViT file has gamma_*).
+                    kwargs['adapt_layer_scale'] = True
+                state_dict = filter_fn(state_dict, self.vit, **kwargs)
         own = self.vit.state_dict()
         matched = [k for k in state_dict if k in own]
         if not matched:
             raise KeyError(
                 f'No key of {path!r} matches the timm model {self.model_name!r}'
-                f' (checkpoint keys look like {list(state_dict)[:3]}). Set '
-                "init_cfg['prefix'] to the prefix in front of the ViT's keys.")
+                f' (checkpoint keys look like {list(state_dict)[:3]}; read as '
+                f'layout {layout.name!r}). Set init_cfg[\'prefix\'] to the '
+                "prefix in front of the ViT's keys, or see docs/weights.md for"
+                ' the layouts TimmViT reads.')
         for key in matched:
             if state_dict[key].shape != own[key].shape:
                 raise ValueError(
                     f'{key}: checkpoint shape {tuple(state_dict[key].shape)} '
                     f'!= model shape {tuple(own[key].shape)}; do model_name '
                     'and model_kwargs describe the checkpoint\'s architecture?')
-        # Tell a PEFT hook's load guard what this load leaves out (blocks
-        # after the last output were pruned on purpose).
+        named, unrecognised = classify_unused(
+            [k for k in state_dict if k not in own], self._pruned_keys,
+            len(self.vit.blocks))
+        left_out = {k for keys in named.values() for k in keys}
+        # Tell a PEFT hook's load guard what this load leaves out on purpose;
+        # anything else missing stops a PEFT run.
         from apla_mm.utils.load_guard import record_pretrained_load
-        depth = len(self.vit.blocks)
-
-        def pruned(key: str) -> bool:
-            parts = key.split('.')
-            return len(parts) > 2 and parts[0] == 'blocks' \
-                and parts[1].isdigit() and int(parts[1]) >= depth
-
         record_pretrained_load(
-            self.vit, state_dict, source=path, ignore_unexpected=pruned)
+            self.vit, state_dict, source=path,
+            ignore_unexpected=left_out.__contains__)
         result = self.vit.load_state_dict(
             {k: state_dict[k] for k in matched}, strict=False)
         missing = list(result.missing_keys)
-        ignored = sorted(set(state_dict) - set(matched))
-        print_log(
-            f'TimmViT: loaded {len(matched)} tensors from {path}'
-            + (f'; missing in file: {missing}' if missing else '')
-            + (f'; unused from file: {ignored[:8]}'
-               f'{" ..." if len(ignored) > 8 else ""}' if ignored else ''),
-            logger='current')
+        on_purpose = dict(layout.task_parts)
+        on_purpose.update(named)
+        self.pretrained_report = dict(
+            layout=layout.name, loaded=sorted(matched), missing=missing,
+            on_purpose=on_purpose, unrecognised=unrecognised)
+        lines = [f'TimmViT: loaded {len(matched)} tensors from {path} '
+                 f'(layout: {layout.name}).']
+        if on_purpose:
+            lines.append('Not used, on purpose: ' + '; '.join(
+                f'{what}: {summarise(keys)}'
+                for what, keys in on_purpose.items()) + '.')
+        print_log(' '.join(lines), logger='current')
+        problems = []
+        if missing:
+            problems.append(f'missing in the file (left at their random '
+                            f'initialisation): {missing}')
+        if unrecognised:
+            problems.append('entries of the file that match nothing of the '
+                            f'model and are not loaded: {unrecognised}')
+        if problems:
+            print_log(
+                f'TimmViT: {path} did not load completely: '
+                + '; '.join(problems) + '. Check model_name/model_kwargs '
+                'against the checkpoint (docs/weights.md).',
+                logger='current', level=logging.WARNING)
         return missing
 
     def patch_grid(self, x: torch.Tensor) -> Tuple[int, int]:
