@@ -225,3 +225,45 @@ def release_ddp_autograd_hooks(ddp_module: nn.Module) -> None:
     remove = getattr(ddp_module, '_remove_autograd_hooks', None)
     if remove is not None:
         remove()
+
+
+# -- FullyShardedDataParallel on CPUs ---------------------------------------------
+def fsdp_runs_on_cpu() -> bool:
+    """Whether torch's ``FullyShardedDataParallel`` (FSDP1) can run on CPUs
+    (``device_id=torch.device('cpu')``, gloo).
+
+    FSDP's lazy init makes its unshard streams with
+    ``device_handle.Stream(priority=...)``; for CPUs the handle is
+    ``torch.cpu``, whose ``Stream`` takes no arguments on torch 2.1.2
+    (``TypeError: Stream() takes no arguments`` at the first forward), and
+    accepts them on torch 2.13.0, where FSDP trains on 2 CPU processes with
+    gloo. Decided by that behaviour, not by a version: versions between the
+    two were not checked.
+    """
+    try:
+        torch.cpu.Stream(priority=0)
+    except TypeError:
+        return False
+    return True
+
+
+def check_fsdp_device(device: torch.device) -> None:
+    """Raise :class:`TorchTooOld` when FSDP cannot run on ``device``
+    (CPUs on torch 2.1.2: :func:`fsdp_runs_on_cpu`)."""
+    if torch.device(device).type == 'cpu' and not fsdp_runs_on_cpu():
+        raise TorchTooOld(
+            'FullyShardedDataParallel on CPUs (gloo; FSDP on GPUs and DDP on '
+            'CPUs run on every supported torch)',
+            '2.13 (checked; 2.1.2 fails in FSDP\'s CPU stream set-up)')
+
+
+# -- tensors without values ---------------------------------------------------
+def holds_values(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` has data to compare: not a meta tensor and not a
+    fake one (``torch._subclasses.fake_tensor``, private on every supported
+    torch; the benchmark's abstract account runs on fake tensors). Checked on
+    2.1.2 and 2.13.0."""
+    if tensor.device.type == 'meta':
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+    return not is_fake(tensor)
