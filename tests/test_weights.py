@@ -396,3 +396,215 @@ def test_open_clip_siglip_timm_trunk(tmp_path):
     assert 'logit_bias' in parts['CLIP text tower and logit scale']
     assert any(k.startswith('attn_pool.')
                for k in parts['classifier/pooling head'])
+
+
+# ---------------------------------- releases of repositories, not packages
+# The official code of these releases is not a package. Each file follows
+# the key layout of the official repository's model code (cited); the
+# weights come from the timm port of the same model (perturbed at random),
+# whose features are the reference.
+VIT = dict(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+
+
+def timm_source(name, **kwargs):
+    import timm
+    return perturb_(timm.create_model(name, **kwargs))
+
+
+def block_tokens(source, x, indices=(-1, )):
+    """The source model's block outputs without prefix tokens, NCHW."""
+    with torch.no_grad():
+        return source.forward_intermediates(
+            x, indices=list(indices), norm=False, output_fmt='NCHW',
+            intermediates_only=True)
+
+
+def assert_same(model, source, x, indices=(-1, )):
+    with torch.no_grad():
+        for ours, theirs in zip(model(x), block_tokens(source, x, indices)):
+            torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+
+
+def test_mae_pretrain(tmp_path):
+    """``mae_pretrain_vit_{base,large,huge}.pth``: ``{'model': ...}`` of
+    facebookresearch/mae at efb2a8062c206524e35e47d04501ed4f544c0ae8,
+    ``models_mae.py`` ``MaskedAutoencoderViT``: the encoder is timm's
+    ``PatchEmbed``/``Block`` (``patch_embed.proj``, ``cls_token``,
+    ``pos_embed``, ``blocks.N``, ``norm``), the decoder ``decoder_embed``,
+    ``mask_token`` (1, 1, Dd), ``decoder_pos_embed``, ``decoder_blocks.N``,
+    ``decoder_norm``, ``decoder_pred`` (the visualisation releases keep
+    it)."""
+    import timm
+    source = timm_source('vit_base_patch16_224', num_classes=0, **VIT)
+    decoder = timm.create_model('vit_base_patch16_224', num_classes=0,
+                                img_size=64, patch_size=8, embed_dim=16,
+                                depth=1, num_heads=2)
+    sd = dict(source.state_dict())
+    sd.update({
+        'decoder_embed.weight': torch.randn(16, 32),
+        'decoder_embed.bias': torch.randn(16),
+        'mask_token': torch.randn(1, 1, 16),
+        'decoder_pos_embed': torch.randn(1, 65, 16),
+        'decoder_norm.weight': torch.randn(16),
+        'decoder_norm.bias': torch.randn(16),
+        'decoder_pred.weight': torch.randn(8 * 8 * 3, 16),
+        'decoder_pred.bias': torch.randn(8 * 8 * 3),
+    })
+    sd.update({f'decoder_{k}': v for k, v in decoder.state_dict().items()
+               if k.startswith('blocks.')})
+    path = tmp_path / 'mae_visualize_vit_base.pth'
+    torch.save({'model': sd}, path)
+    model = load('vit_base_patch16_224', path, output_norm=False,
+                 out_indices=(0, 1), model_kwargs=VIT)
+    assert_same(model, source, torch.randn(2, 3, 64, 64), (0, 1))
+    parts = model.pretrained_report['on_purpose']
+    assert len(parts['MAE decoder']) == 8 + len(
+        [k for k in decoder.state_dict() if k.startswith('blocks.')]) - 1
+    assert parts['mask token (masked-image pretraining)'] == ['mask_token']
+
+
+def test_deit_and_deit3(tmp_path):
+    """DeiT ``deit_base_patch16_224-b5f2ef4d.pth``: ``{'model': ...}`` of
+    facebookresearch/deit at 7e160fe43f0252d17191b71cbb5826254114ea5b,
+    ``models.py`` (timm's ``VisionTransformer``, names unchanged, with
+    ``head``). DeiT-III ``deit_3_base_224_21k.pth``: ``models_v2.py``
+    ``vit_models`` with ``Layer_scale_init_Block``: ``gamma_1``/``gamma_2``
+    per block, ``pos_embed`` of the patches only (1, N, D; the class token
+    is added after it), ``norm``, ``head``."""
+    source = timm_source('vit_base_patch16_224', num_classes=10, **VIT)
+    path = tmp_path / 'deit_base_patch16_224.pth'
+    torch.save({'model': source.state_dict()}, path)
+    model = load('vit_base_patch16_224', path, output_norm=False,
+                 model_kwargs=dict(VIT, num_classes=10))
+    assert_same(model, source, torch.randn(2, 3, 64, 64))
+    assert 'classifier/pooling head' in model.pretrained_report['on_purpose']
+
+    deit3 = timm_source('deit3_base_patch16_224', num_classes=10, **VIT)
+    assert deit3.pos_embed.shape == (1, 64, 32)  # no class-token position
+    sd = {}
+    for key, value in deit3.state_dict().items():
+        key = key.replace('.ls1.gamma', '.gamma_1')
+        sd[key.replace('.ls2.gamma', '.gamma_2')] = value
+    assert 'blocks.0.gamma_1' in sd
+    path = tmp_path / 'deit_3_base_224_21k.pth'
+    torch.save({'model': sd}, path)
+    model = load('deit3_base_patch16_224', path, output_norm=False,
+                 model_kwargs=dict(VIT, num_classes=10))
+    assert_same(model, deit3, torch.randn(2, 3, 64, 64))
+
+
+EVA = dict(img_size=56, embed_dim=32, depth=2, num_heads=2,
+           ref_feat_shape=(4, 4))
+
+
+def test_eva02_baai_release(tmp_path):
+    """EVA-02 masked-image-modeling releases (``eva02_B_pt_in21k_p14.pt``):
+    ``{'module': ...}`` of baaivision/EVA at
+    5623d08bb08a8268c7bc18e1d9b8b4bd651fe4d9, ``EVA-02/asuka/
+    modeling_pretrain.py`` ``VisionTransformerForMaskedImageModeling``
+    (``cls_token``, ``mask_token`` (1, 1, D), ``pos_embed``, ``rope.*``,
+    ``blocks.N``, ``norm``, ``lm_head``) with ``modeling_finetune.py``'s
+    ``Block``: ``attn.{q_proj, k_proj, v_proj}`` without bias (sub-LN
+    models), ``attn.q_bias``/``attn.v_bias``, ``attn.rope.*`` (the shared
+    ``VisionRotaryEmbeddingFast``: ``freqs_cos``/``freqs_sin`` buffers),
+    ``attn.proj``, SwiGLU ``mlp.{w1 (gate), w2, ffn_ln, w3}``. And timm's
+    own file (``timm/eva02_base_patch14_224.mint_in22k``)."""
+    source = timm_source('eva02_base_patch14_224', **EVA)
+    head_dim = 16
+    sd = {'mask_token': torch.randn(1, 1, 32),
+          'lm_head.weight': torch.randn(24, 32),
+          'lm_head.bias': torch.randn(24),
+          'rope.freqs_cos': torch.randn(16, head_dim),
+          'rope.freqs_sin': torch.randn(16, head_dim),
+          'norm.weight': source.fc_norm.weight.detach().clone(),
+          'norm.bias': source.fc_norm.bias.detach().clone()}
+    renames = (('mlp.fc1_g.', 'mlp.w1.'), ('mlp.fc1_x.', 'mlp.w2.'),
+               ('mlp.norm.', 'mlp.ffn_ln.'), ('mlp.fc2.', 'mlp.w3.'),
+               ('attn.q_proj.bias', 'attn.q_bias'),
+               ('attn.v_proj.bias', 'attn.v_bias'))
+    for key, value in source.state_dict().items():
+        if key.startswith('fc_norm.'):
+            continue
+        for old, new in renames:
+            key = key.replace(old, new)
+        sd[key] = value
+    for i in range(2):
+        sd[f'blocks.{i}.attn.rope.freqs_cos'] = sd['rope.freqs_cos']
+        sd[f'blocks.{i}.attn.rope.freqs_sin'] = sd['rope.freqs_sin']
+    path = tmp_path / 'eva02_B_pt_in21k_p14.pt'
+    torch.save({'module': sd}, path)
+    model = load('eva02_base_patch14_224', path, output_norm=False,
+                 out_indices=(0, 1), model_kwargs=EVA)
+    x = torch.randn(2, 3, 56, 56)
+    assert_same(model, source, x, (0, 1))
+    parts = model.pretrained_report['on_purpose']
+    assert sorted(parts['masked-image-modeling head']) == [
+        'lm_head.bias', 'lm_head.weight']
+    assert len(parts['fixed index/rotary tables (timm computes its '
+                     'own)']) == 6
+
+    from safetensors.torch import save_file
+    path = tmp_path / 'model.safetensors'
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()},
+              str(path))
+    model = load('eva02_base_patch14_224', path, output_norm=False,
+                 out_indices=(0, 1), model_kwargs=EVA)
+    assert_same(model, source, x, (0, 1))
+
+
+BEIT = dict(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+
+
+def test_beitv2_releases(tmp_path):
+    """BEiT v2 (microsoft/unilm at 80d673a1c3462406900711c20275162c91156767,
+    ``beit2/``). Pretraining releases (``beitv2_base_patch16_224_pt1k.pth``,
+    ``{'model': ...}``): ``modeling_pretrain.py``
+    ``VisionTransformerForMaskedImageModelingCLS`` with the defaults of
+    ``run_beitv2_pretraining.py`` (no absolute position embedding, one
+    shared ``rel_pos_bias.{relative_position_bias_table,
+    relative_position_index}``), ``mask_token``, ``blocks.N.{gamma_1,
+    gamma_2, norm1, attn.{qkv.weight, q_bias, v_bias, proj}, norm2,
+    mlp.{fc1, fc2}}`` (``modeling_finetune.py`` ``Block``), ``norm``,
+    ``lm_head``, ``cls_pt_layers.N``. The shared table goes to every block,
+    as ``run_class_finetuning.py`` does. Fine-tuned releases
+    (``..._ft21k.pth``) carry a table and index per block."""
+    source = timm_source('beitv2_base_patch16_224', num_classes=0, **BEIT)
+    table = source.blocks[0].attn.relative_position_bias_table
+    with torch.no_grad():
+        source.blocks[1].attn.relative_position_bias_table.copy_(table)
+    index_shape = (65, 65)
+    sd = {'mask_token': torch.randn(1, 1, 32),
+          'lm_head.weight': torch.randn(24, 32),
+          'lm_head.bias': torch.randn(24),
+          'norm.weight': torch.randn(32), 'norm.bias': torch.randn(32),
+          'rel_pos_bias.relative_position_bias_table': table.detach(),
+          'rel_pos_bias.relative_position_index': torch.zeros(
+              index_shape, dtype=torch.long)}
+    for key, value in source.state_dict().items():
+        if key.endswith('relative_position_bias_table'):
+            continue
+        sd[key] = value
+        if key.startswith('blocks.1.'):
+            sd['cls_pt_layers.0.' + key[len('blocks.1.'):]] = value
+    path = tmp_path / 'beitv2_base_patch16_224_pt1k.pth'
+    torch.save({'model': sd}, path)
+    model = load('beitv2_base_patch16_224', path, output_norm=False,
+                 out_indices=(0, 1), model_kwargs=BEIT)
+    x = torch.randn(2, 3, 64, 64)
+    assert_same(model, source, x, (0, 1))
+    report = model.pretrained_report
+    assert 'shared relative position bias copied' in report['layout']
+    assert any(k.startswith('cls_pt_layers.')
+               for k in report['on_purpose']['masked-image-modeling head'])
+
+    # fine-tuned release: a table and an index per block, fc_norm and head
+    ft = timm_source('beitv2_base_patch16_224', num_classes=7, **BEIT)
+    sd = dict(ft.state_dict())
+    for i in range(2):
+        sd[f'blocks.{i}.attn.relative_position_index'] = torch.zeros(
+            index_shape, dtype=torch.long)
+    path = tmp_path / 'beitv2_base_patch16_224_pt1k_ft21k.pth'
+    torch.save({'model': sd}, path)
+    model = load('beitv2_base_patch16_224', path, output_norm=False,
+                 out_indices=(0, 1), model_kwargs=dict(BEIT, num_classes=7))
+    assert_same(model, ft, x, (0, 1))

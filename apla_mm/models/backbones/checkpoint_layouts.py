@@ -49,6 +49,9 @@ TASK_PARTS: Tuple[Tuple[str, 're.Pattern'], ...] = (
     ('MAE decoder', re.compile(r'^decoder_(embed|pos_embed|blocks|norm|pred)'
                                r'\b')),
     ('masked-image-modeling head', re.compile(r'^(lm_head|cls_pt_layers)\.')),
+    # Fixed tables the timm model computes itself (BEiT, EVA-02, Swin).
+    ('fixed index/rotary tables (timm computes its own)',
+     re.compile(r'(^|\.)(relative_position_index|rope\.freqs_(cos|sin))$')),
 )
 #: The text tower of an open_clip/OpenAI CLIP file (everything of the file
 #: outside ``visual.``), named when the file has a ``visual.`` tower.
@@ -58,6 +61,8 @@ _HEAD = re.compile(r'^(head|head_dist|fc_norm|pre_logits|attn_pool|'
                    r'classifier)(\.|$)')
 _MASK_TOKEN = re.compile(r'^mask_token$')
 MASK_TOKEN = 'mask token (masked-image pretraining)'
+FINAL_NORM = ('final norm (pruned: output_norm=False; or the timm model '
+              'pools through fc_norm and has none)')
 
 
 @dataclass
@@ -203,7 +208,38 @@ def _set_aside(state_dict: Dict[str, torch.Tensor],
     return {k: v for k, v in state_dict.items() if keep(k)}
 
 
-def convert_layout(state_dict: Mapping[str, torch.Tensor]) -> Layout:
+def expand_shared_rel_pos_bias(state_dict: Dict[str, torch.Tensor],
+                               model: nn.Module) -> bool:
+    """Give every block a copy of a shared relative position bias table
+    (BEiT/BEiT v2 pretraining files, ``rel_pos_bias.*``) when ``model`` has
+    one table per block, as BEiT's own fine-tuning does
+    (microsoft/unilm, ``beit2/run_class_finetuning.py``: the shared
+    ``rel_pos_bias.relative_position_bias_table`` is cloned into
+    ``blocks.N.attn.relative_position_bias_table``).
+
+    Returns:
+        bool: Whether the table was expanded.
+    """
+    key = 'rel_pos_bias.relative_position_bias_table'
+    blocks = getattr(model, 'blocks', None)
+    if key not in state_dict or getattr(model, 'rel_pos_bias', None) \
+            is not None or not blocks or getattr(
+                getattr(blocks[0], 'attn', None),
+                'relative_position_bias_table', None) is None:
+        return False
+    table = state_dict.pop(key)
+    depth = {
+        int(m.group(1))
+        for m in map(re.compile(r'^blocks\.(\d+)\.').match, state_dict) if m
+    }
+    for index in sorted(depth):
+        state_dict[f'blocks.{index}.attn.relative_position_bias_table'] = \
+            table.clone()
+    return True
+
+
+def convert_layout(state_dict: Mapping[str, torch.Tensor],
+                   model: Optional[nn.Module] = None) -> Layout:
     """Recognise the layout of a (prefix-stripped) checkpoint, map the
     layouts timm does not read to the family's original layout, and set
     aside what the release holds for another task.
@@ -211,6 +247,8 @@ def convert_layout(state_dict: Mapping[str, torch.Tensor]) -> Layout:
     Args:
         state_dict (Mapping): The file's entries (wrappers such as
             ``{'model': ...}`` already removed).
+        model (nn.Module, optional): The timm model, for conversions that
+            depend on its structure (BEiT's shared relative position bias).
 
     Returns:
         Layout: The entries for timm's ``checkpoint_filter_fn``.
@@ -246,6 +284,8 @@ def convert_layout(state_dict: Mapping[str, torch.Tensor]) -> Layout:
     for description, pattern in TASK_PARTS:
         sd = _set_aside(sd, parts, description,
                         lambda k, p=pattern: p.search(k) is None)
+    if model is not None and expand_shared_rel_pos_bias(sd, model):
+        name += ', shared relative position bias copied to every block'
     if 'mask_token' in sd:
         # Kept: timm's filters recognise DINOv2 and EVA-02 MIM files by it
         # (and drop it).
@@ -281,8 +321,8 @@ def classify_unused(keys: Iterable[str], pruned: Iterable[str],
                            'output index)')
         elif first == 'neck' and key in pruned:
             description = 'SAM neck (pruned: output_norm=False)'
-        elif first == 'norm' and key in pruned:
-            description = 'final norm (pruned: output_norm=False)'
+        elif first == 'norm':
+            description = FINAL_NORM
         elif _HEAD.match(key) or key in pruned:
             description = 'classifier/pooling head'
         elif _MASK_TOKEN.match(key):

@@ -267,7 +267,7 @@ class TimmViT(BaseModule):
                     k[len(prefix):]: v
                     for k, v in raw.items() if k.startswith(prefix)
                 }
-            layout = convert_layout(raw)
+            layout = convert_layout(raw, self.vit)
             state_dict = layout.state_dict
             filter_fn = getattr(
                 sys.modules[type(self.vit).__module__], 'checkpoint_filter_fn',
@@ -281,6 +281,14 @@ class TimmViT(BaseModule):
                     kwargs['adapt_layer_scale'] = True
                 state_dict = filter_fn(state_dict, self.vit, **kwargs)
         own = self.vit.state_dict()
+        if 'norm.weight' in own and 'norm.weight' not in state_dict and \
+                'fc_norm.weight' in state_dict and \
+                'fc_norm.weight' not in own:
+            # timm's EVA filter moves a masked-image-modeling file's final
+            # norm to fc_norm for classification; a backbone with the
+            # final norm (output_norm=True) takes it back.
+            for name in ('weight', 'bias'):
+                state_dict[f'norm.{name}'] = state_dict.pop(f'fc_norm.{name}')
         matched = [k for k in state_dict if k in own]
         if not matched:
             raise KeyError(
