@@ -81,9 +81,19 @@ install_requires = [
     'tqdm',
 ]
 
+#: Official model code that writes the checkpoint layouts tests/test_weights.py
+#: loads (test-only). Pinned to versions that run on both tested stacks:
+#: transformers >= 4.57 needs torch >= 2.2 (torch.utils._pytree), 5.x
+#: disables itself on torch 2.1; 4.51.3 runs on 2.1.2 and 2.13.0 (numpy 1 and
+#: 2) and brings huggingface_hub < 1.0 and tokenizers (~6 s to install).
+WEIGHT_LAYOUT_TESTS = [
+    'transformers==4.51.3', 'segment-anything==1.0', 'open_clip_torch==3.3.0'
+]
 extras_require = {
-    'test': ['pytest>=7', 'pytest-timeout', 'pytest-xdist>=3'],
-    'dev': ['pytest>=7', 'pytest-timeout', 'pytest-xdist>=3', 'ruff'],
+    'test': ['pytest>=7', 'pytest-timeout', 'pytest-xdist>=3'] +
+    WEIGHT_LAYOUT_TESTS,
+    'dev': ['pytest>=7', 'pytest-timeout', 'pytest-xdist>=3', 'ruff'] +
+    WEIGHT_LAYOUT_TESTS,
 }
 
 copy_mim_files()

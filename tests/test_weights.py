@@ -81,7 +81,7 @@ DINO_TIMM = dict(img_size=56, embed_dim=32, depth=2, num_heads=2)
 
 
 def hf_dinov2(registers: bool = False, swiglu: bool = False):
-    transformers = pytest.importorskip('transformers')
+    import transformers  # imported here: slow to import
     config = dict(DINO)
     if swiglu:
         config.update(hidden_size=48, use_swiglu_ffn=True)
@@ -134,7 +134,7 @@ def test_dinov2_transformers_layout(tmp_path, log, registers, swiglu):
 def test_dinov2_transformers_classifier(tmp_path):
     """``Dinov2ForImageClassification`` files: the ``dinov2.`` backbone
     loads, the ``classifier`` is named as left out."""
-    transformers = pytest.importorskip('transformers')
+    import transformers  # imported here: slow to import
     hf = perturb_(transformers.Dinov2ForImageClassification(
         transformers.Dinov2Config(num_labels=5, **DINO)))
     hf.save_pretrained(tmp_path)
@@ -250,7 +250,6 @@ SAM_TIMM = dict(img_size=64, patch_size=8, embed_dim=32, depth=2,
 def meta_sam():
     """segment_anything's ``Sam`` as ``build_sam._build_sam`` assembles it,
     at a tiny size."""
-    pytest.importorskip('segment_anything')
     from segment_anything.modeling import (ImageEncoderViT, MaskDecoder,
                                            PromptEncoder, Sam,
                                            TwoWayTransformer)
@@ -300,7 +299,7 @@ def test_sam_transformers_layout(tmp_path):
     """``facebook/sam-vit-*`` on the Hub: ``save_pretrained`` of
     transformers' ``SamModel``. Block outputs and the neck's output equal
     its vision encoder's."""
-    transformers = pytest.importorskip('transformers')
+    import transformers  # imported here: slow to import
     vision = transformers.SamVisionConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         image_size=64, patch_size=8, output_channels=16, window_size=4,
@@ -334,7 +333,6 @@ def test_open_clip_vit(tmp_path):
     LAION and OpenAI releases, ``open_clip_pytorch_model.bin``): timm's
     filter converts ``visual.*``; the text tower is named as left out;
     block tokens equal open_clip's ``forward_intermediates``."""
-    open_clip = pytest.importorskip('open_clip')
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
     clip = perturb_(CLIP(
         embed_dim=16,
@@ -360,7 +358,6 @@ def test_open_clip_vit(tmp_path):
     assert 'token_embedding.weight' in parts[
         'CLIP text tower and logit scale']
     assert 'classifier/pooling head' in parts  # visual.proj, ln_post
-    del open_clip
 
 
 def test_open_clip_siglip_timm_trunk(tmp_path):
@@ -368,7 +365,6 @@ def test_open_clip_siglip_timm_trunk(tmp_path):
     ``timm_pool='map'``, ``timm_proj='none'``, stored as ``visual.trunk.*``,
     and a separate ``text.*`` tower); here with timm's small
     ``vit_tiny_patch16_224`` as the trunk."""
-    pytest.importorskip('open_clip')
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
     clip = perturb_(CustomTextCLIP(
         embed_dim=192,

@@ -174,7 +174,7 @@ if ! err=$(python -c "import mmcv.ops" 2>&1); then
 fi
 
 # 5. the rest of the stack and apla_mm itself (editable, with test extras).
-if py_ok "import apla_mm, mmseg, mmdet, timm, pytest, xdist, torchvision.ops"; then
+if py_ok "import apla_mm, mmseg, mmdet, timm, pytest, xdist, torchvision.ops, transformers, segment_anything, open_clip"; then
   log "apla_mm and the OpenMMLab stack already installed"
 elif [[ -n "$WHEELHOUSE" ]]; then
   log "installing apla_mm (editable) from the checkout"
