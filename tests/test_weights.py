@@ -446,7 +446,7 @@ def test_mae_pretrain(tmp_path):
     })
     sd.update({f'decoder_{k}': v for k, v in decoder.state_dict().items()
                if k.startswith('blocks.')})
-    path = tmp_path / 'mae_visualize_vit_base.pth'
+    path = tmp_path / 'mae_visualize_vit_large.pth'
     torch.save({'model': sd}, path)
     model = load('vit_base_patch16_224', path, output_norm=False,
                  out_indices=(0, 1), model_kwargs=VIT)
