@@ -291,14 +291,11 @@ def finite_losses(work_dir: str) -> List[float]:
     return losses
 
 
-def test_metrics(work_dir: str) -> dict:
+def metrics_of(work_dir: str) -> dict:
     files = sorted(glob.glob(osp.join(work_dir, '*', '*.json')))
     assert files, f'no metrics json under {work_dir}'
     with open(files[-1]) as f:
         return json.loads(f.read().strip().splitlines()[-1])
-
-
-test_metrics.__test__ = False  # a helper, not a test
 
 
 def docs_block(marker: str) -> str:
@@ -354,7 +351,7 @@ def train_test_publish(recipe: str, task: str, classes: tuple, root: str,
     ours = str(tmp_path / 'test_ours')
     run_tool(['tools/test.py', config, ckpt, '--work-dir', ours,
               '--cfg-options', *data_options(task, root, ('test', ))])
-    metrics = test_metrics(ours)
+    metrics = metrics_of(ours)
     assert metric in metrics, metrics
 
     published = str(tmp_path / 'model.pth')
@@ -368,7 +365,7 @@ def train_test_publish(recipe: str, task: str, classes: tuple, root: str,
         'mmseg' if task == 'seg' else 'mmdet'), base, published,
         '--work-dir', stock, '--cfg-options',
         *data_options(task, root, ('test', ))])
-    stock_metrics = test_metrics(stock)
+    stock_metrics = metrics_of(stock)
     # the published file is the same model as the training checkpoint
     assert stock_metrics[metric] == metrics[metric]
     return metrics, stock_log, published
