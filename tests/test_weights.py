@@ -826,3 +826,29 @@ def test_swin_microsoft_release_mmdet_and_mmseg(tmp_path):
             backbone.eval()
             for ours, theirs in zip(backbone(x), expected):
                 torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+
+
+def test_anything_else_is_a_warning(tmp_path, log):
+    """Entries missing from the file, and entries that match nothing and
+    that no release layout explains, are warnings (and go to a PEFT run's
+    load guard), never named as left out on purpose."""
+    source = timm_source('vit_base_patch16_224', num_classes=0, **VIT)
+    sd = {k: v for k, v in source.state_dict().items()
+          if not k.startswith('blocks.1.mlp.')}
+    sd['adapter.0.weight'] = torch.zeros(3)
+    path = tmp_path / 'partial.pth'
+    torch.save(sd, path)
+    model = TimmViT('vit_base_patch16_224', model_kwargs=VIT,
+                    init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    model.init_weights()
+    report = model.pretrained_report
+    assert sorted(report['missing']) == sorted(
+        f'blocks.1.mlp.{n}.{p}' for n in ('fc1', 'fc2')
+        for p in ('weight', 'bias'))
+    assert report['unrecognised'] == ['adapter.0.weight']
+    assert not any('adapter' in k or 'mlp' in k
+                   for keys in report['on_purpose'].values() for k in keys)
+    warning = [m for m in log if 'did not load completely' in m]
+    assert len(warning) == 1
+    assert 'blocks.1.mlp.fc1.weight' in warning[0]
+    assert 'adapter.0.weight' in warning[0]

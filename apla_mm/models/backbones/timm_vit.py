@@ -151,12 +151,14 @@ class TimmViT(BaseModule):
             ``timm.create_model``.
         init_cfg (dict, optional): ``dict(type='Pretrained',
             checkpoint='local/file.pth', prefix=None)`` loads a local
-            ``.pth``/``.safetensors`` file through the model family's own
-            ``checkpoint_filter_fn`` (position-embedding and patch-embedding
-            resampling, DINOv2/CLIP/MAE/EVA/SAM key conversion). ``prefix``
-            keeps only keys starting with it and strips it (e.g.
-            ``'backbone.vit.'`` to read a checkpoint of a whole segmentor).
-            Nothing is ever downloaded.
+            ``.pth``/``.safetensors``/``.npz`` file in any published layout
+            of the family (:meth:`load_pretrained`, ``docs/weights.md``):
+            timm's, the original releases (through the family's own
+            ``checkpoint_filter_fn``, with position-embedding and
+            patch-embedding resampling), big_vision ``.npz`` files and the
+            ``transformers`` DINOv2/SAM layouts. ``prefix`` keeps only keys
+            starting with it and strips it (e.g. ``'backbone.vit.'`` to read
+            a checkpoint of a whole segmentor). Nothing is ever downloaded.
     """
 
     def __init__(self,
@@ -232,7 +234,7 @@ class TimmViT(BaseModule):
                         prefix: Optional[str] = None) -> List[str]:
         """Load weights from a local file into the ViT.
 
-        Reads the family's published layouts (see :doc:`docs/weights.md`):
+        Reads the family's published layouts (``docs/weights.md``):
         timm's own files, the original releases timm's
         ``checkpoint_filter_fn`` converts (DINOv2 torch hub, SAM, EVA-02,
         BEiT, MAE, DeiT/DeiT-III, open_clip/OpenAI CLIP), big_vision/AugReg
@@ -316,8 +318,10 @@ class TimmViT(BaseModule):
         result = self.vit.load_state_dict(
             {k: state_dict[k] for k in matched}, strict=False)
         missing = list(result.missing_keys)
-        on_purpose = dict(layout.task_parts)
-        on_purpose.update(named)
+        on_purpose = {k: list(v) for k, v in layout.task_parts.items()}
+        for what, keys in named.items():
+            known = on_purpose.setdefault(what, [])
+            known.extend(k for k in keys if k not in known)
         self.pretrained_report = dict(
             layout=layout.name, loaded=sorted(matched), missing=missing,
             on_purpose=on_purpose, unrecognised=unrecognised)
