@@ -19,9 +19,12 @@ parts of a checkpoint that a dense-prediction backbone leaves out on purpose.
      ``facebookresearch/segment-anything``,
      ``segment_anything/modeling/image_encoder.py``).
 
-   It also sets aside, by name, what a release holds on purpose for another
-   task: SAM's prompt encoder and mask decoder, MAE's decoder, the text
-   tower of a CLIP file, masked-image-modeling heads (BEiT, EVA-02).
+   It gives every block a copy of a BEiT pretraining file's shared relative
+   position bias (:func:`expand_shared_rel_pos_bias`), and sets aside, by
+   name, what a release holds on purpose for another task or that timm
+   computes itself: SAM's prompt encoder and mask decoder, MAE's decoder,
+   the text tower of a CLIP file, masked-image-modeling heads (BEiT,
+   EVA-02), relative-position index and RoPE tables.
 2. timm's ``checkpoint_filter_fn`` of the family (DINOv2 hub, open_clip,
    OpenAI CLIP, SAM, EVA-02, BEiT, DeiT-III layer scales, position and patch
    embedding resampling).
