@@ -319,3 +319,44 @@ def test_fsdp_frozen_backbone_gets_no_gradient_memory(toy_seg_root,
         assert torch.equal(initial[name], after[name]), name
     assert all(not torch.equal(probe['before'][n], after[n])
                for n in trainable if n.endswith('conv_seg.weight'))
+
+
+# -- the planner's sharded mode -------------------------------------------------
+def test_planner_shards_parameters_gradients_and_optimizer_state():
+    """``tools/plan.py --gpus 8 --strategy fsdp`` on the toy UperNet against
+    hand arithmetic: per GPU, parameters, gradients and AdamW's two moments
+    divided by 8 (rounded up), buffers and activations whole."""
+    from apla_mm.benchmark.planner import GiB, PlanOptions, plan
+    config = osp.join(REPO_ROOT, 'configs', FULL)
+    common = dict(source=config, memory=GiB, reserve=GiB // 10, batch=2,
+                  batches=(2, ), ranks=(16, ), ladder=[()], cache_dir=None)
+    one = plan(PlanOptions(**common))
+    fsdp = plan(PlanOptions(**common, gpus=8, strategy='fsdp'))
+    # the toy model by hand: a 64-d, 4-block ViT with patch 8 on 64 px
+    # (tests/test_configs.py: vit_params) + neck + decode + auxiliary heads
+    tokens, dim = (64 // 8)**2 + 1, 64
+    block = (2 * 2 * dim + 3 * dim * dim + 3 * dim + dim * dim + dim +
+             8 * dim * dim + 4 * dim + dim)
+    vit = 3 * 8 * 8 * dim + dim + tokens * dim + 4 * block
+    heads = 164_352 + 472_901 + 18_661
+    n = vit + heads
+    # APLA r=16: 16 rows of 64 inputs + 16 biases in each block's W_O,
+    # parameters beside the frozen W_O
+    rows = 4 * (16 * dim + 16)
+    params = {'full': n, 'apla-r16': n + rows}
+    trained = {'full': n, 'apla-r16': rows + heads}
+    for row_one, row in zip(one['rows'], fsdp['rows']):
+        static, method = row['static'], row['method']
+        assert static == row_one['static']
+        assert static['params'] == 4 * params[method]
+        assert static['grads'] == 4 * trained[method]
+        assert static['optimizer'] == 8 * trained[method]
+        buffers = static['weights'] - static['params']
+        assert buffers > 0  # BatchNorm statistics: not sharded
+        per_gpu = (buffers + -(-4 * params[method] // 8) +
+                   -(-4 * trained[method] // 8) + -(-8 * trained[method] // 8))
+        assert row['static_per_gpu'] == per_gpu
+        # activations are the same per GPU
+        assert row['total'] - per_gpu == row_one['total'] - (
+            static['weights'] + static['grads'] + static['optimizer'])
+        assert row['total'] < row_one['total']

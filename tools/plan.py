@@ -8,6 +8,7 @@
     python tools/plan.py seg/dinov2-g14 --memory 24GB --precision bf16 \
         --sdpa flash
     python tools/plan.py seg/vit-l16 --memory 16GB --batch 4 --ranks 16,64
+    python tools/plan.py seg/dinov2-g14 --memory 24GB --gpus 8 --strategy fsdp
 
 CONFIG is a config file (any method of it; the planner starts from its
 full fine-tuning form) or a preset task/model (seg/vit-b16, seg/vit-l16,
@@ -26,7 +27,15 @@ from apla_mm.benchmark.cli import (comma_list, plan_parser,  # noqa: E402
 
 
 def parse_args(argv=None):
-    return plan_parser().parse_args(argv)
+    parser = plan_parser()
+    parser.add_argument('--gpus', type=int, default=1,
+                        help='GPUs of the run (default 1)')
+    parser.add_argument(
+        '--strategy', choices=['ddp', 'fsdp'], default='ddp',
+        help='ddp: every GPU holds the whole account; fsdp: parameters, '
+        'gradients and optimizer state sharded over --gpus '
+        '(PortableFSDPStrategy), activations not')
+    return parser.parse_args(argv)
 
 
 def _ints(text):
@@ -50,7 +59,9 @@ def main(argv=None):
         sdpa=args.sdpa,
         cache_dir=args.cache_dir or None,
         ladder=[() if step == 'none' else tuple(step.split('+'))
-                for step in comma_list(args.ladder)])
+                for step in comma_list(args.ladder)],
+        gpus=args.gpus,
+        strategy=args.strategy)
     result = plan(opts)
     print(format_plan(result))
     if args.json:

@@ -25,6 +25,18 @@ How it computes, in seconds and without allocating a weight:
   storages of all parameters and buffers, plus three times those of the
   trainable parameters (a gradient and AdamW's two moments of each).
 
+Several GPUs (``--gpus N``): with ``--strategy ddp`` (the default) every
+GPU holds the whole account, as above. With ``--strategy fsdp``
+(:class:`~apla_mm.engine.strategies.PortableFSDPStrategy`) FSDP shards each
+unit's flattened parameters over the N GPUs (padded to a multiple of N), and
+with them their gradients and AdamW state: per GPU, the parameters,
+gradients and optimizer state are divided by N (rounded up), buffers and
+activations are not (each GPU runs its own batch). Not counted: the
+unsharded parameters (and, for trainable units, gradients) of the unit FSDP
+is gathering at a moment, one transformer block (two with prefetching),
+nor gradient memory FSDP gives frozen parameters in units that mix them
+with trainable ones (its wrap plan logs how much).
+
 Results are cached (``work_dirs/plan_cache``, keyed by the config, size,
 precision, attention kernel and torch version), so asking again with another
 budget is instant.
@@ -95,6 +107,10 @@ class PlanOptions:
             for a GPU).
         cache_dir: Where accounts are cached (None: no cache).
         ladder: The APLA option sets tried (default :data:`LADDER`).
+        gpus: GPUs the run uses (default 1).
+        strategy: ``'ddp'`` (every GPU holds everything) or ``'fsdp'``
+            (parameters, gradients and optimizer state sharded over
+            ``gpus``).
     """
     source: str
     memory: int
@@ -107,6 +123,20 @@ class PlanOptions:
     sdpa: str = 'auto'
     cache_dir: Optional[str] = 'work_dirs/plan_cache'
     ladder: Sequence[Sequence[str]] = LADDER
+    gpus: int = 1
+    strategy: str = 'ddp'
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ('ddp', 'fsdp'):
+            raise ValueError(f'strategy {self.strategy!r}: use ddp or fsdp.')
+        if int(self.gpus) < 1:
+            raise ValueError(f'gpus={self.gpus}: give at least 1.')
+
+
+def shard(nbytes: int, gpus: int) -> int:
+    """Bytes per GPU of ``nbytes`` sharded over ``gpus`` (FSDP pads a flat
+    parameter to a multiple of the world size: rounded up)."""
+    return -(-int(nbytes) // int(gpus))
 
 
 def load_source(source: str, size: Optional[int] = None):
@@ -152,7 +182,7 @@ class Planner:
             opts.source, opts.size)
         key = json.dumps(dict(cfg=self.base.pretty_text, size=self.size,
                               precision=opts.precision, sdpa=opts.sdpa,
-                              torch=torch.__version__, v=1), sort_keys=True)
+                              torch=torch.__version__, v=2), sort_keys=True)
         self.key = hashlib.sha1(key.encode()).hexdigest()[:16]
         self.cache: Dict[str, dict] = {}
         self._cache_file = None
@@ -207,8 +237,10 @@ class Planner:
         if key not in self.cache:
             t = self._trainee(name, 2)
             trainable = unique_bytes(t.params)
-            self.cache[key] = dict(weights=weight_bytes(t.model),
-                                   grads=trainable, optimizer=2 * trainable)
+            self.cache[key] = dict(
+                weights=weight_bytes(t.model),
+                params=unique_bytes(list(t.model.parameters())),
+                grads=trainable, optimizer=2 * trainable)
             self.computed += 1
             self._save()
         return self.cache[key]
@@ -227,9 +259,20 @@ class Planner:
         """Account total of ``name`` at ``batch``; the activations of
         ``name``, the static part of ``static_name`` (another rank)."""
         a2, per = self.activations(name)
-        s = self.static(static_name or name)
-        return s['weights'] + s['grads'] + s['optimizer'] + a2 + (
+        return self.static_per_gpu(static_name or name) + a2 + (
             batch - 2) * per
+
+    def static_per_gpu(self, name: str) -> int:
+        """Weights, gradients and AdamW state of ``name`` on one GPU: all
+        of them (ddp), or the parameters, gradients and optimizer state
+        sharded over the GPUs and the buffers whole (fsdp)."""
+        s = self.static(name)
+        if self.opts.strategy != 'fsdp':
+            return s['weights'] + s['grads'] + s['optimizer']
+        gpus = self.opts.gpus
+        buffers = s['weights'] - s['params']
+        return buffers + shard(s['params'], gpus) + shard(
+            s['grads'], gpus) + shard(s['optimizer'], gpus)
 
 
 def _method(kind: str, rank: Optional[int], options: Sequence[str]) -> str:
@@ -263,7 +306,8 @@ def plan(opts: PlanOptions) -> dict:
                  rank=rank, options=list(options),
                  total=totals[opts.batch], fits=totals[opts.batch] <= budget,
                  max_batch=max(fits) if fits else 0,
-                 per_image=per, static=planner.static(name)))
+                 per_image=per, static=planner.static(name),
+                 static_per_gpu=planner.static_per_gpu(name)))
 
     backbone = backbone_cfg(planner.base, planner.task).get('type', '')
     seen = set()
@@ -299,6 +343,7 @@ def plan(opts: PlanOptions) -> dict:
     return dict(
         source=planner.desc, task=planner.task, size=planner.size,
         precision=opts.precision, sdpa=opts.sdpa, batch=opts.batch,
+        gpus=opts.gpus, strategy=opts.strategy,
         memory=opts.memory, reserve=opts.reserve, budget=budget,
         rows=rows, best=best, full=full_rows[0], full_all=full_rows[-1],
         substitutions=subs, accounts_computed=planner.computed,
@@ -321,6 +366,13 @@ def format_plan(result: dict) -> str:
         'the exact account (weights + grads + AdamW state + saved '
         'activations + largest recomputed region).', ''
     ]
+    if r.get('strategy') == 'fsdp':
+        lines[0] += (f" Per GPU of {r['gpus']} under FSDP: parameters, "
+                     'gradients and AdamW state sharded over them, buffers '
+                     'and activations not (the unit being gathered is not '
+                     'counted).')
+    elif r.get('gpus', 1) > 1:
+        lines[0] += f" Per GPU of {r['gpus']} under DDP (each holds all)."
     b = r['batch']
     lines.append(f'| Setting | Memory at batch {b} (GiB) | Fits | '
                  'Largest batch that fits | per extra image (MiB) |')
