@@ -360,3 +360,20 @@ def test_planner_shards_parameters_gradients_and_optimizer_state():
         assert row['total'] - per_gpu == row_one['total'] - (
             static['weights'] + static['grads'] + static['optimizer'])
         assert row['total'] < row_one['total']
+
+
+@pytest.mark.parametrize('method', ['apla', 'lora'])
+def test_peft_layers_are_refused_before_wrapping(method):
+    """APLA's and LoRA's class swaps expose weights as read-only properties,
+    which FSDP1 cannot replace: the strategy says so (measured: FSDP fails
+    with "property 'weight' of 'APLANonDynamicallyQuantizableLinear' object
+    has no setter", resp. LoRA's 'in_proj_weight')."""
+    from apla_mm.engine.strategies.fsdp import check_settable_parameters
+    from apla_mm.peft import adapter_class
+    model = _toy_model(FULL)
+    check_settable_parameters(model)
+    cls = adapter_class(method)
+    settings = dict(rank=8) if method == 'lora' else dict(rank=16, seed=0)
+    cls(model, cls.config_class.from_kwargs('test', **settings))
+    with pytest.raises(RuntimeError, match='read-only property'):
+        check_settable_parameters(model)

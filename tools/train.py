@@ -107,6 +107,16 @@ def main():
             hook = add_peft_hook(cfg, hook_type, dict(options))
             print_log(f'--{flag}: added {dict(hook)} to custom_hooks',
                       logger='current')
+    if cfg.get('runner_type') == 'FlexibleRunner':
+        hooks = [h.get('type') for h in cfg.get('custom_hooks') or []]
+        late = [h for h in hooks if h in ('APLAHook', 'LoRAHook')]
+        if late:
+            raise ValueError(
+                f'{late[0]} adapts the model in before_run, but '
+                "runner_type='FlexibleRunner' wraps (shards) the model "
+                'before any hook runs. Adapt at build time instead: '
+                "model = dict(type='PEFTModel', model=<the model>, "
+                "method='apla'|'lora', ...) (docs/distributed.md).")
     has_gpu = torch.cuda.is_available()
     if args.amp:
         wrapper = enable_amp(cfg, has_gpu)

@@ -191,14 +191,46 @@ def describe_plan(model: nn.Module, plan: Dict[str, str]) -> str:
     for name, kind in plan.items():
         counts[kind] += 1
     for name, kind in plan.items():
-        if kind == MIXED:
-            frozen_in_mixed += sum(
-                p.numel() for p in modules[name].parameters(recurse=False)
-                if not p.requires_grad)
+        if kind != MIXED:
+            continue
+        for pname, p in modules[name].named_parameters():
+            owner = f'{name}.{pname}'.rpartition('.')[0]
+            inner = any(owner == u or owner.startswith(u + '.')
+                        for u in plan if u.startswith(name + '.'))
+            if not p.requires_grad and not inner:
+                frozen_in_mixed += p.numel()
     return (f'{len(plan)} FSDP units below the root: {counts[FROZEN]} '
             f'frozen, {counts[TRAINABLE]} trainable, {counts[MIXED]} mixed '
             f'(frozen parameters given gradient memory in mixed units: '
             f'{frozen_in_mixed})')
+
+
+def check_settable_parameters(model: nn.Module) -> None:
+    """Refuse modules whose parameters FSDP cannot replace.
+
+    FSDP1 (``use_orig_params=True``) swaps every parameter for a view into
+    its flat parameter with ``setattr(module, name, view)``
+    (``torch/distributed/fsdp/_flat_param.py``,
+    ``_safe_setattr_tensor_or_param``). A module whose class exposes that
+    name as a read-only property (the class swaps of APLA's and LoRA's
+    layers, :mod:`apla_mm.peft.swap`) fails there with "property ... has no
+    setter"; this says so before wrapping.
+
+    Raises:
+        RuntimeError: Naming the first such module and the way out.
+    """
+    for name, module in model.named_modules():
+        for pname in module._parameters:
+            attr = getattr(type(module), pname, None)
+            if isinstance(attr, property) and attr.fset is None:
+                raise RuntimeError(
+                    f'{name}.{pname}: {type(module).__name__} exposes the '
+                    'parameter through a read-only property (a PEFT layer '
+                    "swap), and FSDP replaces parameters with setattr. "
+                    'This PEFT method does not run under FSDP yet: train it '
+                    'with DDP (tools/dist_train.sh with a config without '
+                    'runner_type/strategy), or use full fine-tuning or a '
+                    'frozen backbone under FSDP. See docs/distributed.md.')
 
 
 @STRATEGIES.register_module()
@@ -273,6 +305,7 @@ class PortableFSDPStrategy(FSDPStrategy):
                 'unsharded on one device.')
             return revert_sync_batchnorm(model).to(self._device)
         check_fsdp_device(self._device)
+        check_settable_parameters(model)
         wrapper = dict(self.model_wrapper or
                        dict(type='MMFullyShardedDataParallel'))
         wrapper.setdefault('device_id', self._device_id())
@@ -380,5 +413,6 @@ def fsdp_units(model: nn.Module) -> List[nn.Module]:
 
 __all__ = [
     'PortableFSDPStrategy', 'frozen_apart_wrap_plan', 'PlannedWrapPolicy',
-    'describe_plan', 'fsdp_units'
+    'describe_plan', 'fsdp_units', 'check_settable_parameters',
+    'can_be_unit'
 ]
