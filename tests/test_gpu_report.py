@@ -127,9 +127,12 @@ def test_quick_report_memory_account_and_peak(quick_report):
         for row in rows.values():
             assert row['account']['total'] > 0
             assert row['peak']['bytes'] > 0
-            # the CPU peak is the resident set's, measured, never derived
-            assert 'resident set size' in row['peak']['kind'] or \
-                'RSS' in row['peak']['kind']
+            # a CPU's peak: the resident set of a fresh process per method
+            # (apla_mm.benchmark.peak.measure_peak), measured, not derived
+            assert row['peak']['source'] == 'fresh process'
+            assert row['peak']['kind'].startswith('peak RSS (VmHWM)')
+            assert 'measure_peak' in row['peak']['kind']
+            assert row['peak_in_process']['bytes'] != 0
             assert row['peak_over_account'] == pytest.approx(
                 row['peak']['bytes'] / row['account']['total'])
             assert sum(row['sdpa'].values()) == 4  # 4 ViT blocks
@@ -138,9 +141,11 @@ def test_quick_report_memory_account_and_peak(quick_report):
         assert rows['frozen']['account']['grads'] < \
             rows['apla-r16']['account']['grads'] < \
             rows['full']['account']['grads']
+    assert memory['peaks_from_fresh_processes']
     check, = memory['cross_checks']
     assert check['method'] == 'apla-r16' and check['precision'] == 'fp32'
     assert check['fresh'] > 0 and check['in_process'] > 0
+    assert check['decisive'] is False  # informative on a CPU
 
 
 @pytest.mark.slow

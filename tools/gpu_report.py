@@ -63,6 +63,9 @@ def parse_args(argv=None):
                    help='measure every peak in a fresh process instead of '
                    'resetting the peak in this one')
     p.add_argument('--threads', type=int, help='torch.set_num_threads')
+    p.add_argument('--time-budget', type=float,
+                   help='seconds the report may take: what would start later '
+                   'is skipped and listed (tools/gpu_check.sh sets it)')
     p.add_argument('--build-info',
                    help="JSON of the install's timings (tools/gpu_check.sh) "
                    'to copy into the report')
@@ -90,7 +93,7 @@ def main(argv=None):
         precisions=comma_list(args.precisions), steps=args.steps,
         warmup=args.warmup, amp_iters=args.amp_iters, sections=sections,
         peak_process=args.peak_process, threads=args.threads,
-        build_info=args.build_info,
+        build_info=args.build_info, time_budget=args.time_budget,
         command=' '.join(['python tools/gpu_report.py'] +
                          [shlex.quote(a) for a in argv]))
     try:

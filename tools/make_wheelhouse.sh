@@ -98,7 +98,8 @@ excluded = {norm(n) for n in exclude} | {'torch', 'torchvision'}
 pins = sorted(f"{i['metadata']['name']}=={i['metadata']['version']}"
               for i in json.load(open(report))['install']
               if norm(i['metadata']['name']) not in excluded)
-pins.append(f'timm=={timm}')
+if 'timm' not in excluded:  # pinned by the stack, unless the target has it
+    pins.append(f'timm=={timm}')
 open(out, 'w').write('\n'.join(pins) + '\n')
 PY
 rm -f "$REPORT"
