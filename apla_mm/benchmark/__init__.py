@@ -17,7 +17,10 @@
 * :mod:`.timing`: interleaved (round-robin) step timing;
 * :mod:`.runner`: :func:`run_benchmark`; :mod:`.planner`: what fits in a
   memory budget;
-* :mod:`.report`: markdown, JSON and PNG outputs.
+* :mod:`.report`: markdown, JSON and PNG outputs;
+* :mod:`.gpu_report` (``tools/gpu_report.py``): a machine checked end to
+  end (account vs the allocator's peak, step time, the stock ``--amp`` path
+  of :mod:`.amp_check`), docs/gpu.md.
 """
 from . import classifier  # noqa: F401  (registers BenchViTClassifier)
 from .account import (SavedTensorRecorder, account_step, breakdown,
