@@ -267,3 +267,79 @@ def holds_values(tensor: torch.Tensor) -> bool:
         return False
     from torch._subclasses.fake_tensor import is_fake
     return not is_fake(tensor)
+
+
+# -- the checkpoint probe of the memory account ------------------------------
+#: ``callback(frame, tensor)`` of :func:`checkpoint_region_packs`: ``frame``
+#: identifies the checkpointed region (one object per region call),
+#: ``tensor`` is what it saves.
+RegionPackCallback = Callable[[object, torch.Tensor], None]
+
+
+@contextlib.contextmanager
+def checkpoint_region_packs(callback: RegionPackCallback):
+    """Report every tensor a non-reentrant checkpointed region saves.
+
+    Private API: ``torch.utils.checkpoint._checkpoint_hook``, the
+    ``saved_tensors_hooks`` subclass that ``checkpoint(...,
+    use_reentrant=False)`` installs around a region's forward pass, with
+    ``__init__(self, frame)`` setting ``self.pack_hook``. The exact memory
+    account (:mod:`apla_mm.benchmark.account`) must know what a region drops
+    and recomputes: public hooks around the region see only its inputs, and
+    an outer ``saved_tensors_hooks`` is shadowed by the checkpoint's own. The
+    class is swapped, for the duration of the context, for a subclass whose
+    pack hook reports each tensor before calling the original one, so
+    checkpointing itself behaves as before. Checked on torch 2.1.2 and
+    2.13.0; on a torch without the class nothing is reported.
+
+    Yields:
+        bool: Whether the probe is active.
+    """
+    import torch.utils.checkpoint as cp
+    original = getattr(cp, '_checkpoint_hook', None)
+    if original is None:  # pragma: no cover - other torch versions
+        yield False
+        return
+
+    class _ReportingCheckpointHook(original):
+
+        def __init__(self, frame) -> None:
+            super().__init__(frame)
+            inner = self.pack_hook
+
+            def pack_hook(x):
+                callback(frame, x)
+                return inner(x)
+
+            self.pack_hook = pack_hook
+
+    cp._checkpoint_hook = _ReportingCheckpointHook
+    try:
+        yield True
+    finally:
+        cp._checkpoint_hook = original
+
+
+# -- a global choice of the attention kernel ---------------------------------
+@contextlib.contextmanager
+def routed_sdpa(route: Callable):
+    """Replace ``torch.nn.functional.scaled_dot_product_attention`` by
+    ``route`` while the context is active (the benchmark's choice of an
+    attention kernel, :mod:`apla_mm.benchmark.sdpa`).
+
+    A global touch, on purpose: attention modules look the function up at
+    call time (timm's ``Attention``, mmseg's ViT with ``fused_attention``),
+    and a ``TorchFunctionMode`` would not do, because the recomputation of
+    an activation-checkpointed region runs inside the autograd engine,
+    where the mode is not active, and would pick another kernel than the
+    forward pass did. ``torch.nn.attention.sdpa_kernel`` (2.3+) cannot pick
+    the CPU flash kernel or count a CUDA kernel's saved tensors on fake
+    tensors. Checked on torch 2.1.2 and 2.13.0.
+    """
+    import torch.nn.functional as F
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = route
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original

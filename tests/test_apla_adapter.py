@@ -410,11 +410,14 @@ def test_activation_checkpointing_gives_the_same_gradients(
         tiny_model_factory):
     plain = tiny_model_factory()
     checkpointed = copy.deepcopy(plain)
+    from apla_mm.memory import MemoryConfig, apply_memory_options
     a = APLAAdapter(plain, APLAConfig(rank=4))
-    b = APLAAdapter(checkpointed, APLAConfig(rank=4, with_cp=True))
-    assert len(b.checkpointed_blocks) == 2
-    assert all(n.split('.')[-2] in ('blocks', 'layers')
-               for n in b.checkpointed_blocks)
+    b = APLAAdapter(checkpointed, APLAConfig(rank=4))
+    handle = apply_memory_options(checkpointed,
+                                  MemoryConfig(checkpoint_blocks=True))
+    blocks = handle.blocks
+    assert len(blocks) == 2
+    assert all(n.split('.')[-2] in ('blocks', 'layers') for n in blocks)
     saved = []
 
     def count(model):
@@ -433,10 +436,10 @@ def test_activation_checkpointing_gives_the_same_gradients(
         torch.testing.assert_close(
             lb.module._parameters['apla_weight'].grad,
             la.module._parameters['apla_weight'].grad, rtol=1e-5, atol=1e-7)
-    types = {type(checkpointed.get_submodule(n)).__name__
-             for n in b.checkpointed_blocks}
+    types = {type(checkpointed.get_submodule(n)).__name__ for n in blocks}
     assert all(t.startswith('Checkpointed') for t in types)
     b.unload()
+    handle.remove()
     assert not any(
         type(m).__name__.startswith(('Checkpointed', 'APLA'))
         for m in checkpointed.modules())

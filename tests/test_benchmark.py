@@ -58,9 +58,9 @@ def test_preset_configs_are_the_method_configs():
     assert by_name['full'].get('custom_hooks') in (None, [])
     assert by_name['frozen'].model.backbone.frozen is True
     assert by_name['apla-r16'].custom_hooks == [
-        dict(type='APLAHook', rank=16, seed=0, with_cp=False)
+        dict(type='APLAHook', rank=16, seed=0)
     ]
-    assert by_name['apla-r16-cp'].custom_hooks[0]['with_cp'] is True
+    assert by_name['apla-r16-cp'].custom_hooks[1]['checkpoint_blocks'] is True
     assert by_name['lora-r8'].custom_hooks[0]['type'] == 'LoRAHook'
     assert by_name['meta'].model.backbone.type == 'METAAdapterViT'
     for cfg in by_name.values():

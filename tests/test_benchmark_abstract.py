@@ -212,13 +212,15 @@ def test_memory_options_become_the_memory_hook():
                                        'lora-r8+cp+heads'], amp='bf16')
     by = {s.name: s.cfg for s in specs}
     hooks = by['apla-r16+all'].custom_hooks
-    assert hooks[0] == dict(type='APLAHook', rank=16, seed=0, with_cp=True)
+    assert hooks[0] == dict(type='APLAHook', rank=16, seed=0)
     assert hooks[1] == dict(type='MemoryEfficientHook', lean_loss=True,
-                            checkpoint_heads=True, frozen_dtype='bfloat16',
-                            fused_attention=False)
-    assert by['full+cp'].custom_hooks == []
-    assert by['full+cp'].model.backbone.with_cp is True
-    assert by['lora-r8+cp+heads'].model.backbone.with_cp is True
+                            checkpoint_blocks=True, checkpoint_heads=True,
+                            frozen_dtype='bfloat16', fused_attention=False)
+    # +cp is one mechanism for every method: the memory option, never the
+    # backbone's own switch
+    for name in ('full+cp', 'lora-r8+cp+heads', 'apla-r16+all'):
+        assert not by[name].model.backbone.get('with_cp')
+        assert by[name].custom_hooks[-1]['checkpoint_blocks'] is True
     assert by['lora-r8+cp+heads'].custom_hooks[1]['checkpoint_heads']
     specs, _ = preset_methods('seg', 'tiny-mmseg', methods=['apla-r16+all'])
     assert specs[0].cfg.custom_hooks[1]['fused_attention'] is True
@@ -274,7 +276,10 @@ def test_planner_figures_are_the_accounts(plan_cache):
     r8, r32 = planner.account('apla-r8', 2), planner.account('apla-r32', 2)
     assert r8['saved'] == r32['saved'] and r8['grads'] < r32['grads']
     static = planner.static('apla-r32')
-    assert static == {k: r32[k] for k in ('weights', 'grads', 'optimizer')}
+    assert {k: static[k] for k in ('weights', 'grads', 'optimizer')} == {
+        k: r32[k] for k in ('weights', 'grads', 'optimizer')}
+    # parameters (what FSDP shards) are the weights less the buffers
+    assert 0 < static['params'] <= static['weights']
     assert planner.total('apla-r8', 2, static_name='apla-r32') == \
         r32['total']
 

@@ -9,14 +9,15 @@ import apla_mm
 
 #: everything `import apla_mm` registers, by mmengine root registry
 MODULES = {
-    'MODELS': ['LN2d', 'METAAdapterViT', 'SimpleFPN', 'TimmViT'],
+    'MODELS': ['LN2d', 'METAAdapterViT', 'PEFTModel', 'SimpleFPN', 'TimmViT'],
     'HOOKS': [
         'APLAHook', 'CheckpointCheckHook', 'LoRAHook', 'MemoryEfficientHook',
-        'SafeCheckpointHook', 'SegTestVisualizationHook'
+        'PEFTHook', 'SafeCheckpointHook', 'SegTestVisualizationHook'
     ],
     'OPTIM_WRAPPERS': [
         'APLAAmpOptimWrapper', 'APLAOptimWrapper', 'PortableAmpOptimWrapper'
     ],
+    'STRATEGIES': ['PortableFSDPStrategy'],
 }
 #: registered only when imported on purpose (tests, tools/benchmark.py)
 OPT_IN = ('apla_mm.testing', 'apla_mm.benchmark')
@@ -36,7 +37,8 @@ def test_version_is_the_installed_one():
 
 
 def test_import_registers_exactly_our_modules():
-    for registry_name in ('MODELS', 'HOOKS', 'OPTIM_WRAPPERS', 'DATASETS',
+    for registry_name in ('MODELS', 'HOOKS', 'OPTIM_WRAPPERS', 'STRATEGIES',
+                          'DATASETS',
                           'METRICS', 'TRANSFORMS',
                           'OPTIM_WRAPPER_CONSTRUCTORS', 'PARAM_SCHEDULERS',
                           'LOOPS', 'VISUALIZERS'):
@@ -52,7 +54,10 @@ def test_import_registers_exactly_our_modules():
 def test_registered_names_resolve_from_both_scopes(scope):
     registry_module = importlib.import_module(f'{scope}.registry')
     for registry_name, names in MODULES.items():
-        registry = getattr(registry_module, registry_name)
+        # mmseg/mmdet have no STRATEGIES of their own: FlexibleRunner builds
+        # strategies from mmengine's root registry
+        registry = getattr(registry_module, registry_name,
+                           getattr(root_registries, registry_name))
         for name in names:
             cls = registry.get(name)
             assert cls is not None, f'{name} not visible from {scope}'

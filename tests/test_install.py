@@ -39,6 +39,8 @@ def _stack_pins():
     """{stack: {name: pinned version}} from tools/constraints/torch-*.txt."""
     stacks = {}
     for fname in sorted(os.listdir(CONSTRAINTS)):
+        if not (fname.startswith('torch-') and fname.endswith('.txt')):
+            continue  # e.g. the GPU machine's exclusion list
         pins = {}
         for line in open(osp.join(CONSTRAINTS, fname)):
             line = line.split('#')[0].strip()

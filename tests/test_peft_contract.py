@@ -1,6 +1,5 @@
-"""The shared PEFT contract: one base, one target grammar, one checkpointing
-switch, picklable adapted models, and a third method built from the
-contract alone."""
+"""The shared PEFT contract: one base, one target grammar, picklable adapted
+models, and a third method built from the contract alone."""
 import copy
 import io
 from dataclasses import dataclass, field
@@ -77,16 +76,17 @@ def test_config_base_normalises_the_shared_fields():
         assert config.targets == ('proj', )
         assert config.frozen_modules == ('backbone', )
         data = config.to_dict()
-        assert data['targets'] == ['proj'] and data['with_cp'] is False
+        assert data['targets'] == ['proj'] and 'with_cp' not in data
         assert config_class.from_dict(data) == config
         with pytest.raises(TypeError, match='frozen_modules'):
             config_class(frozen_modules=())
-        with pytest.raises(TypeError, match='with_cp'):
-            config_class(with_cp='yes')
-    # a record written before LoRA had with_cp still reads (resume)
-    old = LoRAConfig().to_dict()
-    del old['with_cp']
-    assert LoRAConfig.from_dict(old) == LoRAConfig()
+        # a record of apla_mm 0.2 (with with_cp) still reads (resume)
+        assert config_class.from_dict(dict(data, with_cp=True)) == config
+        # hooks and PEFTModel: with_cp names its new home; typos are named
+        with pytest.raises(TypeError, match='checkpoint_blocks=True'):
+            config_class.from_kwargs('APLAHook', with_cp=True)
+        with pytest.raises(TypeError, match=r"unknown argument\(s\) \['rnak'\]"):
+            config_class.from_kwargs('APLAHook', rnak=4)
 
 
 def test_resume_problems_name_the_differing_setting():
@@ -133,45 +133,12 @@ def test_multihead_attention_weight_resolved_in_one_place():
         APLAAdapter(mmseg_segmentor(), APLAConfig(rank=4, targets='qkv'))
 
 
-# -- one checkpointing switch --------------------------------------------------
-@pytest.mark.parametrize('build, switch', [
-    (timm_segmentor, 'backbone.vit.grad_checkpointing'),
-    (mmseg_segmentor, 'backbone.layers.0.with_cp'),
-])
-def test_two_checkpointing_switches_are_refused(build, switch):
-    for config in (APLAConfig(rank=4, with_cp=True),
-                   LoRAConfig(rank=4, with_cp=True)):
-        model = build(with_cp=True)
-        with pytest.raises(ValueError, match=f'twice.*{switch} is True'):
-            adapter_class('apla' if isinstance(config, APLAConfig) else
-                          'lora')(model, config)
-
-
-def test_lora_with_cp_gives_the_same_gradients():
-    plain, checkpointed = timm_segmentor(), timm_segmentor()
-    a = LoRAAdapter(plain, LoRAConfig(rank=4))
-    b = LoRAAdapter(checkpointed, LoRAConfig(rank=4, with_cp=True))
-    assert b.checkpointed_blocks == ['backbone.vit.blocks.0',
-                                     'backbone.vit.blocks.1']
-    for la, lb in zip(a.layers, b.layers):  # same factors on both sides
-        lb.module.lora_A.data.copy_(la.module.lora_A)
-        lb.module.lora_B.data.normal_()
-        la.module.lora_B.data.copy_(lb.module.lora_B)
-    for model in (plain, checkpointed):
-        model(_batch()).pow(2).mean().backward()
-    for la, lb in zip(a.layers, b.layers):
-        for name in ('lora_A', 'lora_B'):
-            torch.testing.assert_close(lb.module._parameters[name].grad,
-                                       la.module._parameters[name].grad)
-
-
 # -- whole-model pickling ------------------------------------------------------
 @pytest.mark.parametrize('method', ['apla', 'lora'])
 @pytest.mark.parametrize('build', [timm_segmentor, mmseg_segmentor])
 def test_adapted_model_pickles_and_deepcopies(method, build):
     model = build()
-    config = APLAConfig(rank=4, with_cp=True) if method == 'apla' else \
-        LoRAConfig(rank=4)
+    config = APLAConfig(rank=4) if method == 'apla' else LoRAConfig(rank=4)
     adapter = adapter_class(method)(model, config)
     _step(model, adapter)
     x = _batch(5)
@@ -200,7 +167,6 @@ class BiasOnlyConfig(PeftConfig):
     """Train the biases of the targeted layers (BitFit-style), for the test."""
     targets: Tuple[str, ...] = ('qkv', 'proj')
     frozen_modules: Tuple[str, ...] = field(default=('backbone', ))
-    with_cp: bool = False
 
 
 @dataclass

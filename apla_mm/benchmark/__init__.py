@@ -11,7 +11,7 @@
 * :mod:`.trainee`: :class:`Trainee` (a method built from its config with the
   PEFT hook's adapter, AdamW, a synthetic batch);
 * :mod:`.account`: the exact per-step memory account (:func:`account_step`,
-  :class:`SavedTensorRecorder`), with :mod:`.checkpoint_probe` inside
+  :class:`SavedTensorRecorder`), with :func:`apla_mm.compat.checkpoint_region_packs` inside
   activation checkpointing;
 * :mod:`.peak`: the measured peak in a fresh process (:func:`measure_peak`);
 * :mod:`.timing`: interleaved (round-robin) step timing;

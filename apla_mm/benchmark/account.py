@@ -27,7 +27,7 @@ step created it) and counts, in bytes, every tensor the step keeps:
     dropped and rebuilt in backward, one region at a time. They are
     recorded in the region's forward (through the checkpoint's own pack
     hook, which sees each tensor before replacing it with a handle:
-    :mod:`.checkpoint_probe`) and
+    :func:`apla_mm.compat.checkpoint_region_packs`) and
     ``recompute`` is the largest region's unique new bytes (the extra
     memory of recomputing it during backward).
 
@@ -60,7 +60,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from .abstract import is_fake
-from .checkpoint_probe import region_packs
+from apla_mm.compat import checkpoint_region_packs as region_packs
 from .module_stack import ModuleStack
 
 MB = 2**20

@@ -2,7 +2,7 @@
 config the way the repository's own configs differ from each other.
 
 The edits are keyed on the backbone's type: apla_mm's ViTs
-(:data:`VIT_TYPES`: ``frozen``/``with_cp`` flags, timm ``model_kwargs``)
+(:data:`VIT_TYPES`: the ``frozen`` flag, timm ``model_kwargs``)
 and mmseg's ``VisionTransformer`` (``frozen_exclude``, ``img_size``).
 """
 import copy
@@ -80,11 +80,13 @@ def set_frozen(cfg: Config) -> None:
 
 
 def memory_hook(options: Sequence[str], amp: Optional[str] = None) -> dict:
-    """The ``MemoryEfficientHook`` entry of ``options`` (model-side memory
-    options of :mod:`apla_mm.memory`; ``cp`` is the backbone's own)."""
+    """The ``MemoryEfficientHook`` entry of ``options`` (the memory options
+    of :mod:`apla_mm.memory`, the same for every method; ``cp`` is
+    ``checkpoint_blocks``)."""
     return dict(
         type='MemoryEfficientHook',
         lean_loss='lean' in options,
+        checkpoint_blocks='cp' in options,
         checkpoint_heads='heads' in options,
         frozen_dtype=AMP_DTYPES[amp] if 'lp' in options else None,
         fused_attention='sdpa' in options)
@@ -116,22 +118,16 @@ def apply_method(base: Config, name: str, task: str,
     backbone = backbone_cfg(cfg, task)
     options = resolve_options(info, amp, backbone.get('type', ''))
     hooks = list(cfg.get('custom_hooks') or [])
-    if kind == 'full':
-        if 'cp' in options:
-            backbone.with_cp = True
-    elif kind == 'frozen':
+    if kind == 'frozen':
         set_frozen(cfg)
     elif kind == 'apla':
-        hooks.append(
-            dict(type='APLAHook', rank=info['rank'], seed=0,
-                 with_cp='cp' in options))
+        hooks.append(dict(type='APLAHook', rank=info['rank'], seed=0))
     elif kind == 'lora':
         hooks.append(
             dict(type='LoRAHook', rank=info['rank'], alpha=16,
                  targets=('qkv', 'proj')))
-        if 'cp' in options:
-            backbone.with_cp = True
-    if set(options) - {'cp'}:
+    if options:
+        # one mechanism for every method, block checkpointing included
         hooks.append(memory_hook(options, amp))
     cfg.custom_hooks = hooks
     return cfg

@@ -37,9 +37,8 @@ mask): fp32 inputs run ``efficient``, fp16/bf16 inputs ``flash`` (see
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from apla_mm.compat import cpu_flash_attention
+from apla_mm.compat import cpu_flash_attention, routed_sdpa
 
 __all__ = ['SDPA_BACKENDS', 'SDPABackend', 'check_backend']
 
@@ -78,12 +77,8 @@ class SDPABackend:
     """Route every ``F.scaled_dot_product_attention`` call to one kernel.
 
     A context manager that replaces ``torch.nn.functional.
-    scaled_dot_product_attention`` while it is active (attention modules
-    look it up at call time: timm's ``Attention``, mmseg's ViT with
-    ``fused_attention``). A ``TorchFunctionMode`` would not do: the
-    recomputation of an activation-checkpointed region runs inside the
-    autograd engine, where the mode is not active, and would pick another
-    kernel than the forward pass did.
+    scaled_dot_product_attention`` while it is active, through
+    :func:`apla_mm.compat.routed_sdpa` (the one global touch, and why).
 
     Args:
         backend (str): One of :data:`SDPA_BACKENDS`; ``'auto'`` changes
@@ -96,23 +91,22 @@ class SDPABackend:
                              f'of {SDPA_BACKENDS}.')
         self.backend = backend
         self.calls = 0
-        self._original = None
+        self._context = None
+
+    def _routed(self, *args, **kwargs):
+        self.calls += 1
+        return self._run(*args, **kwargs)
 
     def __enter__(self) -> 'SDPABackend':
         if self.backend != 'auto':
-            self._original = F.scaled_dot_product_attention
-
-            def routed(*args, **kwargs):
-                self.calls += 1
-                return self._run(*args, **kwargs)
-
-            F.scaled_dot_product_attention = routed
+            self._context = routed_sdpa(self._routed)
+            self._context.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._original is not None:
-            F.scaled_dot_product_attention = self._original
-            self._original = None
+        if self._context is not None:
+            self._context.__exit__(*exc)
+            self._context = None
 
     def _run(self, query, key, value, attn_mask=None, dropout_p=0.0,
              is_causal=False, scale=None, enable_gqa=False):

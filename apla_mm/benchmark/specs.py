@@ -5,17 +5,18 @@ Method names:
 ========================  ===============================================
 ``full``                  full fine-tuning (the preset's base config)
 ``full-cp``               full fine-tuning, activation checkpointing of
-                          the ViT blocks (timm's ``set_grad_checkpointing``)
+                          the ViT blocks (= ``full+cp``)
 ``frozen``                frozen backbone: only neck and heads train
 ``apla-r<R>``             APLA, ``R`` output channels of every W_O
 ``apla-full``             APLA, all of W_O (``rank='full'``)
-``apla-r<R>-cp``          APLA with ``with_cp=True`` (``apla-full-cp`` too)
+``apla-r<R>-cp``          APLA, block checkpointing (= ``apla-r<R>+cp``)
 ``lora-r<R>``             LoRA rank ``R`` on qkv and W_O (alpha 16)
 ``meta``                  the META-style adapter config of the preset
 ========================  ===============================================
 
 Memory options (:data:`OPTIONS`, :mod:`apla_mm.memory`) are ``+`` suffixes:
-``+cp`` (= ``-cp``), ``+lean``, ``+heads``, ``+lp`` (needs AMP), ``+sdpa``
+``+cp`` (= ``-cp``: ``checkpoint_blocks``, the same mechanism for every
+method), ``+lean``, ``+heads``, ``+lp`` (needs AMP), ``+sdpa``
 and ``+all`` (every option that applies; :func:`resolve_options`), e.g.
 ``apla-r64+cp+lean``, ``full+all``. :mod:`.edits` turns a name into a
 config, :mod:`.presets` lists each preset's names.

@@ -2,11 +2,15 @@
 
 :class:`Trainee` builds a :class:`~.specs.MethodSpec`'s config exactly as a
 Runner would: the config's ``custom_imports``, ``MODELS.build(cfg.model)``
-in the config's default scope, the PEFT hook's ``build_adapter(model)``,
-the ``MemoryEfficientHook``'s options (:func:`apply_memory_hook`), an AdamW
+in the config's default scope (a ``PEFTModel`` config builds the adapter
+with the model), the PEFT hook's ``build_adapter(model)``, the
+``MemoryEfficientHook``'s options (:func:`apply_memory_hook`), an AdamW
 over the parameters that require gradients, connected to the adapter as the
-PEFT hook connects it (``adapter.attach_optimizer``: APLA syncs its rows
-after every step); then it trains, infers and reports parameters and the delta file.
+PEFT hook connects it (``adapter.attach_optimizer``, then
+``adapter.on_weights_loaded()``); then it trains, infers
+(``adapter.merge_for_inference()``, as the hook before validation) and
+reports parameters and the delta file. It calls exactly the adapter methods
+the hooks call; what a method does is the adapter's business.
 """
 import contextlib
 import copy
@@ -19,17 +23,10 @@ from mmengine.config import Config
 from mmengine.utils import import_modules_from_strings
 
 from apla_mm.compat import cpu_autocast_attention_guard, grad_scaler
-from apla_mm.engine.hooks.peft_hook import BasePEFTHook
+from apla_mm.engine.hooks.peft_hook import PEFTHook
 from apla_mm.memory import MemoryConfig, apply_memory_options
-from apla_mm.peft.base import META_KEY, BaseAdapter
+from apla_mm.peft.base import META_KEY, BaseAdapter, get_adapter
 from .specs import AMP_DTYPES, MethodSpec, check_amp
-
-#: PEFT methods (:attr:`BaseAdapter.method`) whose hook merges the adapter
-#: into the weights before validation and testing (``LoRAHook``); the
-#: others run as they are for inference (APLA: the weights already hold the
-#: trained rows, and the projections return the plain parameters when
-#: gradients are disabled).
-MERGED_FOR_INFERENCE = frozenset({'lora'})
 
 
 def _import_custom(cfg: Config) -> None:
@@ -58,9 +55,10 @@ def apply_memory_hook(model: nn.Module, hook_cfg: dict,
     Args:
         model (nn.Module): The built model.
         hook_cfg (dict): The ``MemoryEfficientHook`` entry.
-        adapter (BaseAdapter, optional): The model's PEFT adapter: its
-            trainable stand-ins are re-derived (:meth:`BaseAdapter.refresh_`)
-            before the frozen weights are cast.
+        adapter (BaseAdapter, optional): The model's PEFT adapter: it takes
+            the weights over (:meth:`BaseAdapter.on_weights_loaded`, as the
+            PEFT hook's ``before_train``) before the frozen weights are
+            cast.
 
     Returns:
         The handle of the applied options.
@@ -68,9 +66,9 @@ def apply_memory_hook(model: nn.Module, hook_cfg: dict,
     kwargs = {k: v for k, v in hook_cfg.items() if k != 'type'}
     config = MemoryConfig(**kwargs)
     handle = apply_memory_options(model, config)
+    if adapter is not None:
+        adapter.on_weights_loaded()
     if config.frozen_dtype is not None:
-        if adapter is not None:
-            adapter.refresh_()
         handle.cast_frozen_(config.frozen_dtype)
     return handle
 
@@ -136,20 +134,22 @@ class Trainee:
             torch.manual_seed(seed)
             model = MODELS.build(copy.deepcopy(cfg.model))
             model = _revert_sync_bn(model)
-            self.adapter: Optional[BaseAdapter] = None
+            self.adapter: Optional[BaseAdapter] = get_adapter(model)
             memory_cfg = None
             for hook_cfg in cfg.get('custom_hooks') or []:
                 if hook_cfg.get('type') == 'MemoryEfficientHook':
                     memory_cfg = hook_cfg
                     continue
                 hook = HOOKS.build(copy.deepcopy(hook_cfg))
-                if isinstance(hook, BasePEFTHook):
+                if isinstance(hook, PEFTHook) and hook.method:
                     if self.adapter is not None:
-                        raise ValueError(f'{spec.name}: two PEFT hooks')
+                        raise ValueError(f'{spec.name}: two PEFT adapters')
                     self.adapter = hook.build_adapter(model)
             if memory_cfg is not None:
                 self.memory_handle = apply_memory_hook(model, memory_cfg,
                                                        self.adapter)
+            elif self.adapter is not None:
+                self.adapter.on_weights_loaded()
         if abstract:
             check_all_fake(model)
         else:
@@ -256,15 +256,14 @@ class Trainee:
 
     # -- inference --------------------------------------------------------
     def prepare_inference(self) -> None:
-        """Eval mode, and the deployed form: LoRA factors merged into the
-        weights (:data:`MERGED_FOR_INFERENCE`, as ``LoRAHook`` does for
-        validation/testing); APLA and the others run as they are (APLA's
-        weights already hold the rows)."""
+        """Eval mode, and the deployed form the PEFT hook validates and
+        tests (:meth:`BaseAdapter.merge_for_inference`: LoRA's factors
+        merged into the weights; APLA's weights already hold the rows)."""
         self.zero_grad()
         self.model.eval()
         if self.adapter is not None and not self.merged and \
-                self.adapter.method in MERGED_FOR_INFERENCE:
-            self.adapter.merge_and_unload()
+                self.adapter.merges_for_inference:
+            self.adapter.merge_for_inference()
             self.merged = True
 
     @torch.no_grad()

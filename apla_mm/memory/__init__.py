@@ -7,16 +7,16 @@ APLA, LoRA, frozen-backbone and full fine-tuning alike::
 
     from apla_mm.memory import MemoryConfig, apply_memory_options
     handle = apply_memory_options(model, MemoryConfig(
-        lean_loss=True, checkpoint_heads=True, fused_attention=True,
-        frozen_dtype='bfloat16'))
+        lean_loss=True, checkpoint_blocks=True, checkpoint_heads=True,
+        fused_attention=True, frozen_dtype='bfloat16'))
     ...initialise/load weights (and adapter.refresh_())...
     handle.cast_frozen_()        # frozen weights -> bf16, fp32 masters kept
     ...train under autocast...
     handle.remove()              # the unmodified model, fp32 weights
 
 In a Runner: ``custom_hooks = [..., dict(type='MemoryEfficientHook',
-lean_loss=True, checkpoint_heads=True, frozen_dtype='bfloat16',
-fused_attention=True)]`` (see :class:`~apla_mm.engine.hooks.MemoryEfficientHook`
+lean_loss=True, checkpoint_blocks=True, checkpoint_heads=True,
+frozen_dtype='bfloat16', fused_attention=True)]`` (see :class:`~apla_mm.engine.hooks.MemoryEfficientHook`
 and ``docs/memory.md``).
 """
 from typing import Dict, List, Optional, Union
@@ -24,7 +24,9 @@ from typing import Dict, List, Optional, Union
 import torch
 import torch.nn as nn
 
-from .checkpointing import (disable_head_checkpointing,
+from .checkpointing import (disable_block_checkpointing,
+                            disable_head_checkpointing,
+                            enable_block_checkpointing,
                             enable_head_checkpointing)
 from .config import FROZEN_DTYPES, MemoryConfig
 from .fused_attention import disable_fused_attention, enable_fused_attention
@@ -44,6 +46,7 @@ class MemoryHandle:
         config (MemoryConfig): The options.
         lean_heads (dict[str, bool]): Heads with the lean loss -> whether
             they take the banded cross-entropy fast path.
+        blocks (list[str]): Transformer blocks recomputed in backward.
         checkpointed (list[str]): Modules given a checkpointed region
             forward.
         fused_mha (list[str]): ``nn.MultiheadAttention`` modules running
@@ -58,6 +61,7 @@ class MemoryHandle:
         self.model = model
         self.config = config
         self.lean_heads: Dict[str, bool] = {}
+        self.blocks: List[str] = []
         self.checkpointed: List[str] = []
         self.fused_mha: List[str] = []
         self.fused_timm: List[str] = []
@@ -116,6 +120,9 @@ class MemoryHandle:
                 + (f'banded cross-entropy: {fast}' if fast else '')
                 + ('; ' if fast and slow else '')
                 + (f'checkpointed loss: {slow}' if slow else '') + ')')
+        if self.config.checkpoint_blocks:
+            parts.append(f'checkpoint_blocks: {len(self.blocks)} '
+                         'transformer blocks')
         if self.config.checkpoint_heads:
             parts.append(f'checkpoint_heads: {len(self.checkpointed)} '
                          'regions in the neck/heads')
@@ -142,9 +149,10 @@ class MemoryHandle:
             self.low_precision.remove()
             self.low_precision = None
         disable_lean_loss(self.model, list(self.lean_heads))
+        disable_block_checkpointing(self.model, self.blocks)
         disable_head_checkpointing(self.model, self.checkpointed)
         disable_fused_attention(self.model, self.fused_mha, self.fused_timm)
-        self.lean_heads, self.checkpointed = {}, []
+        self.lean_heads, self.blocks, self.checkpointed = {}, [], []
         self.fused_mha, self.fused_timm = [], []
         return self.model
 
@@ -153,10 +161,12 @@ def apply_memory_options(model: nn.Module,
                          config: Union[MemoryConfig, dict]) -> MemoryHandle:
     """Apply the structural options of ``config`` to ``model`` in place.
 
-    ``lean_loss``, ``checkpoint_heads`` and ``fused_attention`` change
-    forward methods only (no parameter, state-dict key or module type
-    changes), so they can be applied right after the model is built,
-    before or after a PEFT adapter. ``frozen_dtype`` is *not* applied here:
+    ``lean_loss``, ``checkpoint_blocks``, ``checkpoint_heads`` and
+    ``fused_attention`` change methods only, through the class swaps every
+    structural change of apla_mm uses (:mod:`apla_mm.peft.swap`: no
+    parameter or state-dict key changes; ``torch.save(model)`` and
+    ``copy.deepcopy`` work), so they can be applied right after the model is
+    built, before or after a PEFT adapter, in any order. ``frozen_dtype`` is *not* applied here:
     call :meth:`MemoryHandle.cast_frozen_` once the weights are loaded.
 
     Args:
@@ -174,6 +184,8 @@ def apply_memory_options(model: nn.Module,
         if config.lean_loss:
             handle.lean_heads = enable_lean_loss(model,
                                                  config.lean_loss_chunk_mb)
+        if config.checkpoint_blocks:
+            handle.blocks = enable_block_checkpointing(model)
         if config.checkpoint_heads:
             handle.checkpointed = enable_head_checkpointing(model)
         if config.fused_attention:

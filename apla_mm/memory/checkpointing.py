@@ -1,4 +1,33 @@
-"""Activation checkpointing of the neck and the heads, in small regions.
+"""Activation checkpointing: transformer blocks, and the neck and the heads
+in small regions. The one home of checkpointing in apla_mm, applied the same
+way whatever trains (APLA, LoRA, full fine-tuning, a frozen backbone).
+
+**Blocks** (``checkpoint_blocks``): every transformer block of the backbone
+(the block around each attention output projection, found with the shared
+target grammar, :func:`apla_mm.peft.targets.enclosing_block`) is recomputed
+in backward with non-reentrant :func:`torch.utils.checkpoint.checkpoint`.
+Why apla_mm has its own rather than using each backbone's ``with_cp``:
+
+* it works on every backbone apla_mm supports, including those without a
+  switch of their own or without one per block;
+* it is non-reentrant. Reentrant checkpointing (mmcv's and mmseg's/mmdet's
+  ``cp.checkpoint(_inner_forward, x)`` in ViT and Swin blocks) gives the
+  parameters inside a block gradients only if the block's *input* requires
+  grad. In a frozen backbone the input of the first blocks does not, so
+  those backbones skip checkpointing there (``if self.with_cp and
+  x.requires_grad``) and keep that block's activations; a reentrant
+  checkpoint that did not skip would silently drop the gradient of APLA's
+  rows or LoRA's factors inside it. Non-reentrant checkpointing has neither
+  problem: every block is recomputed and every trainable tensor gets its
+  gradient.
+
+Both switches at once would recompute a block twice (the outer recompute
+runs the inner checkpoint again), so :func:`enable_block_checkpointing`
+refuses a block that its backbone already checkpoints (``with_cp`` on the
+block, as in mmseg/mmdet, or timm's ``grad_checkpointing`` on the model
+around it) and says which switch to turn off.
+
+**Neck and heads** (``checkpoint_heads``), in small regions:
 
 At 512² the UperNet decode head and the neck keep more for backward than
 an adapted ViT backbone: every ``ConvModule`` saves its input, its conv
@@ -40,7 +69,6 @@ Upstream: ``mmseg/models/necks/multilevel_neck.py``,
 ``mmseg/models/decode_heads/uper_head.py`` (whose forward the two region
 forwards follow step by step), ``mmcv/cnn/bricks/conv_module.py``.
 """
-import types
 from typing import Callable, List, Sequence
 
 import torch
@@ -49,8 +77,16 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ['enable_head_checkpointing', 'disable_head_checkpointing',
-           'HEAD_MODULES']
+from apla_mm.peft.swap import (base_class, below, has_swap, register_swap,
+                               restore_class, swap_class)
+from apla_mm.peft.targets import (enclosing_block, find_modules,
+                                  resolve_targets)
+
+__all__ = [
+    'enable_head_checkpointing', 'disable_head_checkpointing',
+    'enable_block_checkpointing', 'disable_block_checkpointing',
+    'HEAD_MODULES'
+]
 
 #: Top-level parts of a segmentor/detector that are "neck and heads".
 HEAD_MODULES = ('neck', 'decode_head', 'auxiliary_head', 'rpn_head',
@@ -97,13 +133,16 @@ def run_region(fn: Callable, modules: Sequence[nn.Module], *args):
 
 
 def _plain(module: nn.Module) -> Callable:
-    """The module's class forward, bypassing a region forward."""
-    return type(module).forward.__get__(module)
+    """The module's forward without its region swap (if it has one)."""
+    for kind in REGION_KINDS:
+        if has_swap(module, kind):
+            return below(module, kind).forward.__get__(module)
+    return module.forward
 
 
 # -- ConvModule ---------------------------------------------------------
 def _conv_module_forward(self, x, activate: bool = True, norm: bool = True):
-    plain = _plain(self)
+    plain = below(self, REGION_CONV).forward.__get__(self)
     return run_region(lambda t: plain(t, activate, norm), [self], x)
 
 
@@ -226,9 +265,13 @@ def _split_fusion(head: nn.Module, fpn_outs: Sequence[torch.Tensor]):
     return run_region(finish, [bottleneck, head.conv_seg], total)
 
 
-def _set_forward(module: nn.Module, fn) -> None:
-    module.forward = types.MethodType(fn, module)
-    module.__dict__['_apla_mm_region'] = True
+REGION_CONV = register_swap('memory.region.conv_module', 'Checkpointed',
+                            {'forward': _conv_module_forward})
+REGION_NECK = register_swap('memory.region.multilevel_neck', 'Checkpointed',
+                            {'forward': _multilevel_neck_forward})
+REGION_UPER = register_swap('memory.region.uper_head', 'Checkpointed',
+                            {'forward': _uper_head_forward})
+REGION_KINDS = (REGION_CONV, REGION_NECK, REGION_UPER)
 
 
 def enable_head_checkpointing(model: nn.Module,
@@ -255,15 +298,15 @@ def enable_head_checkpointing(model: nn.Module,
     for part in present:
         root = model.get_submodule(part)
         for name, m in root.named_modules(prefix=part):
-            if '_apla_mm_region' in m.__dict__:
+            if any(has_swap(m, kind) for kind in REGION_KINDS):
                 continue
-            if type(m) is UPerHead:
-                _set_forward(m, _uper_head_forward)
-            elif type(m) is MultiLevelNeck:
-                _set_forward(m, _multilevel_neck_forward)
-            elif isinstance(m, ConvModule) \
-                    and 'forward' not in m.__dict__:
-                _set_forward(m, _conv_module_forward)
+            base = base_class(m)
+            if base is UPerHead:
+                swap_class(m, REGION_UPER)
+            elif base is MultiLevelNeck:
+                swap_class(m, REGION_NECK)
+            elif isinstance(m, ConvModule) and 'forward' not in m.__dict__:
+                swap_class(m, REGION_CONV)
             else:
                 continue
             done.append(name)
@@ -280,5 +323,89 @@ def disable_head_checkpointing(model: nn.Module, names: Sequence[str]) -> None:
     """Undo :func:`enable_head_checkpointing`."""
     for name in names:
         m = model.get_submodule(name)
-        m.__dict__.pop('forward', None)
-        m.__dict__.pop('_apla_mm_region', None)
+        for kind in REGION_KINDS:
+            restore_class(m, kind)
+
+
+# -- transformer blocks --------------------------------------------------
+def _checkpointed_forward(self, *args, **kwargs):
+    forward = below(self, CHECKPOINTED_BLOCK).forward
+    if self.training and torch.is_grad_enabled():
+        return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
+    return forward(self, *args, **kwargs)
+
+
+CHECKPOINTED_BLOCK = register_swap('memory.checkpointed_block',
+                                   'Checkpointed',
+                                   {'forward': _checkpointed_forward})
+
+
+def own_checkpointing(model: nn.Module, block: str) -> str:
+    """Where the backbone already checkpoints ``block``: the name of the
+    switch that is on (``''`` if none)."""
+    module = model.get_submodule(block)
+    if getattr(module, 'with_cp', False) is True:
+        return f'{block}.with_cp'
+    parts = block.split('.')
+    for end in range(len(parts) - 1, -1, -1):
+        name = '.'.join(parts[:end])
+        owner = model.get_submodule(name) if name else model
+        if getattr(owner, 'grad_checkpointing', False) is True:
+            return f'{name or type(model).__name__}.grad_checkpointing'
+    return ''
+
+
+def transformer_blocks(model: nn.Module,
+                       within: Sequence[str] = ('backbone', )) -> List[str]:
+    """Names of the transformer blocks of ``model``: those around an
+    attention output projection (the ``'proj'`` shortcut of
+    :mod:`apla_mm.peft.targets`) inside the modules ``within``."""
+    present = [p for p in within if hasattr(model, p)] or list(within)
+    blocks: List[str] = []
+    for name, _ in find_modules(model, resolve_targets('proj'), present):
+        block = enclosing_block(name)
+        if block not in blocks:
+            blocks.append(block)
+    return blocks
+
+
+def enable_block_checkpointing(model: nn.Module,
+                               blocks: Sequence[str] = ()) -> List[str]:
+    """Recompute, in backward, the transformer blocks of ``model``.
+
+    Args:
+        model (nn.Module): Segmentor/detector (or any model).
+        blocks (Sequence[str]): Names of the blocks; by default every
+            transformer block of the backbone (:func:`transformer_blocks`).
+
+    Returns:
+        list[str]: Names of the checkpointed blocks.
+
+    Raises:
+        ValueError: if no block is found, or the backbone already
+            checkpoints a block (see the module docstring).
+    """
+    blocks = list(blocks) or transformer_blocks(model)
+    for block in blocks:
+        switch = own_checkpointing(model, block)
+        if switch:
+            raise ValueError(
+                f'checkpoint_blocks=True would recompute {block} twice: the '
+                f'backbone checkpoints it already ({switch} is True). Turn '
+                "one of the two off: set the backbone's with_cp=False "
+                "(recommended: apla_mm's checkpointing also covers blocks "
+                'whose input needs no gradient), or drop checkpoint_blocks.')
+    done = []
+    for block in blocks:
+        module = model.get_submodule(block)
+        if not has_swap(module, CHECKPOINTED_BLOCK):
+            swap_class(module, CHECKPOINTED_BLOCK)
+            done.append(block)
+    return done
+
+
+def disable_block_checkpointing(model: nn.Module,
+                                blocks: Sequence[str]) -> None:
+    """Undo :func:`enable_block_checkpointing`."""
+    for name in blocks:
+        restore_class(model.get_submodule(name), CHECKPOINTED_BLOCK)

@@ -21,6 +21,12 @@ class MemoryConfig:
             loss and its gradient are recomputed in backward, a band of
             output rows at a time (:mod:`apla_mm.memory.lean_loss`).
             Defaults to False.
+        checkpoint_blocks (bool): Activation checkpointing of every
+            transformer block of the backbone (non-reentrant: also the first
+            blocks of a frozen backbone, whose input needs no gradient),
+            the same whatever trains; refused together with the backbone's
+            own ``with_cp``/``grad_checkpointing``
+            (:mod:`apla_mm.memory.checkpointing`). Defaults to False.
         checkpoint_heads (bool): Activation checkpointing of the neck and the
             heads in small regions (each ``ConvModule``; UperNet's FPN fusion
             as one region), so that recomputing one region during backward
@@ -40,13 +46,15 @@ class MemoryConfig:
             in forward and backward. Defaults to 32.
     """
     lean_loss: bool = False
+    checkpoint_blocks: bool = False
     checkpoint_heads: bool = False
     frozen_dtype: Optional[str] = None
     fused_attention: bool = False
     lean_loss_chunk_mb: float = 32.0
 
     def __post_init__(self) -> None:
-        for name in ('lean_loss', 'checkpoint_heads', 'fused_attention'):
+        for name in ('lean_loss', 'checkpoint_blocks', 'checkpoint_heads',
+                     'fused_attention'):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f'MemoryConfig.{name} must be True or False, '
                                 f'got {getattr(self, name)!r}.')

@@ -22,16 +22,23 @@ from typing import List, Tuple
 
 import torch.nn as nn
 
+from apla_mm.peft.swap import (below, has_swap, register_swap, restore_class,
+                               swap_class)
+
 __all__ = ['enable_fused_attention', 'disable_fused_attention']
 
 
 def _sdpa_forward(self, *args, **kwargs):
-    # Instance attribute standing in for nn.MultiheadAttention.forward: the
-    # class's own forward (also a PEFT-swapped subclass's) without weights.
-    # Callers that ask for the averaged weights explicitly keep them.
+    # nn.MultiheadAttention.forward (also under a PEFT swap) without
+    # weights. Callers that ask for the averaged weights explicitly keep
+    # them.
     if kwargs.get('need_weights') is None:
         kwargs['need_weights'] = False
-    return type(self).forward(self, *args, **kwargs)
+    return below(self, SDPA_MHA).forward(self, *args, **kwargs)
+
+
+SDPA_MHA = register_swap('memory.sdpa_mha', 'SDPA',
+                         {'forward': _sdpa_forward})
 
 
 def enable_fused_attention(model: nn.Module) -> Tuple[List[str], List[str]]:
@@ -45,10 +52,9 @@ def enable_fused_attention(model: nn.Module) -> Tuple[List[str], List[str]]:
     mha, timm = [], []
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
-            if '_apla_mm_sdpa' in module.__dict__:
+            if has_swap(module, SDPA_MHA):
                 continue
-            module.forward = _sdpa_forward.__get__(module)
-            module.__dict__['_apla_mm_sdpa'] = True
+            swap_class(module, SDPA_MHA)
             mha.append(name)
         elif getattr(module, 'fused_attn', None) is False \
                 and hasattr(module, 'qkv'):
@@ -62,9 +68,7 @@ def disable_fused_attention(model: nn.Module, mha: List[str],
                             timm: List[str]) -> None:
     """Undo :func:`enable_fused_attention`."""
     for name in mha:
-        module = model.get_submodule(name)
-        module.__dict__.pop('forward', None)
-        module.__dict__.pop('_apla_mm_sdpa', None)
+        restore_class(model.get_submodule(name), SDPA_MHA)
     for name in timm:
         module = model.get_submodule(name)
         module.fused_attn = False

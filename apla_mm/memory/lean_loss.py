@@ -41,13 +41,15 @@ Upstream: ``mmseg/models/decode_heads/decode_head.py`` (``loss_by_feat``),
 ``area_pixel_compute_source_index`` (``aten/src/ATen/native/UpSample.h``)
 for the interpolation weights.
 """
-import types
 from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from apla_mm.peft.swap import (below, has_swap, register_swap, restore_class,
+                               swap_class)
 
 __all__ = [
     'interpolation_matrix', 'enable_lean_loss', 'disable_lean_loss',
@@ -223,7 +225,7 @@ def _lean_ce_loss_by_feat(head, seg_logits, batch_data_samples,
 
 
 def _lean_loss_by_feat(self, seg_logits, batch_data_samples):
-    original = type(self).loss_by_feat.__get__(self)
+    original = below(self, LEAN_LOSS).loss_by_feat.__get__(self)
     if not (torch.is_grad_enabled() and seg_logits.requires_grad):
         return original(seg_logits, batch_data_samples)
     band_bytes = self.__dict__['_apla_mm_lean_band_bytes']
@@ -232,6 +234,12 @@ def _lean_loss_by_feat(self, seg_logits, batch_data_samples):
                                      band_bytes)
     return checkpoint(
         original, seg_logits, batch_data_samples, use_reentrant=False)
+
+
+#: The head's ``loss_by_feat`` replaced by the lean one (a class swap,
+#: :mod:`apla_mm.peft.swap`); its settings are plain attributes.
+LEAN_LOSS = register_swap('memory.lean_loss', 'Lean',
+                          {'loss_by_feat': _lean_loss_by_feat})
 
 
 def enable_lean_loss(model: nn.Module, band_mb: float = 32.0) -> Dict[str,
@@ -255,9 +263,11 @@ def enable_lean_loss(model: nn.Module, band_mb: float = 32.0) -> Dict[str,
     out = {}
     for name, head in heads.items():
         fast = lean_ce_eligible(head)
+        if has_swap(head, LEAN_LOSS):
+            continue
         head.__dict__['_apla_mm_lean_fast'] = fast
         head.__dict__['_apla_mm_lean_band_bytes'] = int(band_mb * 2**20)
-        head.loss_by_feat = types.MethodType(_lean_loss_by_feat, head)
+        swap_class(head, LEAN_LOSS)
         out[name] = fast
     return out
 
@@ -266,6 +276,6 @@ def disable_lean_loss(model: nn.Module, names) -> None:
     """Undo :func:`enable_lean_loss`."""
     for name in names:
         head = model.get_submodule(name)
-        for key in ('loss_by_feat', '_apla_mm_lean_fast',
-                    '_apla_mm_lean_band_bytes'):
+        restore_class(head, LEAN_LOSS)
+        for key in ('_apla_mm_lean_fast', '_apla_mm_lean_band_bytes'):
             head.__dict__.pop(key, None)

@@ -42,6 +42,7 @@ What this changes, exactly:
   :class:`~apla_mm.engine.hooks.MemoryEfficientHook` does so around
   validation.
 """
+import functools
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -110,16 +111,20 @@ class FrozenLowPrecision:
         self.dtype = dtype
         self.master_device = master_device
         self.entries = castable_frozen_parameters(model)
-        self.masters: Dict[int, torch.Tensor] = {}
+        #: (module, parameter name) -> fp32 master. Keyed by the module
+        #: object, so that a pickled or deep-copied model (torch.save,
+        #: EMA) keeps its masters with its own modules.
+        self.masters: Dict[Tuple[nn.Module, str], torch.Tensor] = {}
         self._hooks = []
         self.active = False
         self.cast_()
         for module in {id(m): m for _, m, _ in self.entries}.values():
-            # plain functions: torch tags public-API hooks with an attribute
+            # partials, not bound methods: torch tags public-API hooks with
+            # an attribute; and unlike lambdas they pickle with the model
             self._hooks.append(register_state_dict_post_hook(
-                module, lambda *args: self._state_dict_hook(*args)))
+                module, functools.partial(_state_dict_hook, self)))
             self._hooks.append(register_load_state_dict_pre_hook(
-                module, lambda *args: self._load_hook(*args)))
+                module, functools.partial(_load_hook, self)))
 
     # ------------------------------------------------------------------
     def num_bytes_saved(self) -> int:
@@ -142,7 +147,7 @@ class FrozenLowPrecision:
                     'trainable parameters are final.')
             master = p.detach().to(self.master_device or p.device,
                                    dtype=torch.float32, copy=True)
-            self.masters[id(p)] = master
+            self.masters[(module, local)] = master
             p.data = p.data.to(self.dtype)
         self.active = True
 
@@ -153,8 +158,8 @@ class FrozenLowPrecision:
             return
         for _, module, local in self.entries:
             p = module._parameters[local]
-            p.data = self._full(module, local, self.masters[id(p)]).to(
-                p.device)
+            p.data = self._full(module, local,
+                                self.masters[(module, local)]).to(p.device)
         self.masters.clear()
         self.active = False
 
@@ -185,10 +190,10 @@ class FrozenLowPrecision:
         if not self.active:
             return
         for name, p in module._parameters.items():
-            if p is not None and id(p) in self.masters \
+            master = self.masters.get((module, name))
+            if p is not None and master is not None \
                     and prefix + name in state_dict:
-                state_dict[prefix + name] = self._full(
-                    module, name, self.masters[id(p)])
+                state_dict[prefix + name] = self._full(module, name, master)
 
     def _load_hook(self, module, state_dict, prefix, *args):
         if not self.active:
@@ -196,7 +201,16 @@ class FrozenLowPrecision:
         with torch.no_grad():
             for name, p in module._parameters.items():
                 key = prefix + name
-                if p is not None and id(p) in self.masters \
+                master = self.masters.get((module, name))
+                if p is not None and master is not None \
                         and key in state_dict \
                         and state_dict[key].shape == p.shape:
-                    self.masters[id(p)].copy_(state_dict[key])
+                    master.copy_(state_dict[key])
+
+
+def _state_dict_hook(owner: FrozenLowPrecision, *args) -> None:
+    owner._state_dict_hook(*args)
+
+
+def _load_hook(owner: FrozenLowPrecision, *args) -> None:
+    owner._load_hook(*args)

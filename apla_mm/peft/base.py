@@ -5,8 +5,10 @@ A method is three things, in the style of HF peft's tuners
 ``BaseTuner``/``BaseTunerLayer``):
 
 * a **config** (:class:`PeftConfig` subclass): a small dataclass whose
-  ``targets``, ``frozen_modules`` and ``with_cp`` mean the same for every
-  method and are normalised here;
+  ``targets`` and ``frozen_modules`` mean the same for every method and are
+  normalised here. It is the one place a method's arguments are documented:
+  the hooks and the build-time :func:`~apla_mm.models.PEFTModel` take the
+  same keywords;
 * a **layer** record (:class:`AdaptedLayer` subclass) per adapted weight,
   with the tensors it trains;
 * an **adapter** (:class:`BaseAdapter` subclass) applied to a built model.
@@ -14,16 +16,22 @@ A method is three things, in the style of HF peft's tuners
 
   - construction: checks ``frozen_modules`` exist, finds the targets with
     the shared grammar (:mod:`apla_mm.peft.targets`), freezes, lets the
-    method inject itself into each layer (:meth:`BaseAdapter._inject`),
-    and sets up ``with_cp`` (:mod:`apla_mm.peft.checkpointing`);
+    method inject itself into each layer (:meth:`BaseAdapter._inject`)
+    and registers itself on the model (:func:`get_adapter`);
   - parameters: :meth:`~BaseAdapter.adapted_parameters`,
     :meth:`~BaseAdapter.replacements` (for moving a built optimizer),
     :meth:`~BaseAdapter.shadow_parameters`,
     :meth:`~BaseAdapter.num_trainable`;
   - keeping stand-ins and weights consistent: :meth:`~BaseAdapter.refresh_`
     (weights -> trainable tensors, after loading),
-    :meth:`~BaseAdapter.sync_` (trainable tensors -> weights) and
-    :meth:`~BaseAdapter.attach_optimizer` (when to sync);
+    :meth:`~BaseAdapter.sync_` (trainable tensors -> weights),
+    :meth:`~BaseAdapter.attach_optimizer` (when to sync) and
+    :meth:`~BaseAdapter.on_weights_loaded` (what to do once the run's
+    weights are in place);
+  - what the hooks and the benchmark ask of a method:
+    :meth:`~BaseAdapter.describe` and :attr:`~BaseAdapter.frozen_note`
+    (the report), :attr:`~BaseAdapter.merges_for_inference` and
+    :meth:`~BaseAdapter.merge_for_inference`;
   - checkpoints: :meth:`~BaseAdapter.meta` (stored under
     ``meta[META_KEY]``), :meth:`~BaseAdapter.resume_problems`,
     :meth:`~BaseAdapter.restore_`;
@@ -39,8 +47,11 @@ Subclasses set :attr:`BaseAdapter.method` (which registers them for
 :meth:`~BaseAdapter._make_layer`, :meth:`~BaseAdapter._inject` and
 :meth:`~BaseAdapter._eject`. The mmengine side is one hook per method
 (:class:`~apla_mm.engine.hooks.peft_hook.BasePEFTHook`), which only builds
-the adapter and connects it to the Runner. ``docs/architecture.md`` walks
-through adding a method.
+the adapter (or finds the one :func:`~apla_mm.models.PEFTModel` built) and
+connects it to the Runner. ``docs/architecture.md`` walks through adding a
+method. Activation checkpointing is not a method's business: it is the
+memory option ``checkpoint_blocks`` (:mod:`apla_mm.memory`), the same for
+every method and for full fine-tuning.
 """
 import dataclasses
 from dataclasses import asdict, dataclass
@@ -50,8 +61,6 @@ from typing import (ClassVar, Dict, List, Optional, Sequence, Tuple, Type,
 import torch
 import torch.nn as nn
 
-from .checkpointing import (disable_block_checkpointing,
-                            enable_block_checkpointing)
 from .targets import Target, find_targets, normalise_targets
 from .utils import remove_hooks
 
@@ -66,16 +75,14 @@ C = TypeVar('C', bound='PeftConfig')
 class PeftConfig:
     """Base of the method configs.
 
-    Subclasses are dataclasses declaring at least ``targets``,
-    ``frozen_modules`` and ``with_cp`` (each with its default), which mean:
+    Subclasses are dataclasses declaring at least ``targets`` and
+    ``frozen_modules`` (each with its default), which mean:
 
     * ``targets`` (str | list[str] | None): shortcuts ``'proj'``/``'qkv'``
       or full-match regexes over module names
       (:mod:`apla_mm.peft.targets`); ``None`` is the method's default.
     * ``frozen_modules`` (str | list[str]): top-level modules frozen apart
       from what the method trains, e.g. ``('backbone',)``.
-    * ``with_cp`` (bool): recompute the adapted blocks in backward
-      (:mod:`apla_mm.peft.checkpointing`).
     """
 
     def __post_init__(self) -> None:
@@ -88,9 +95,6 @@ class PeftConfig:
                             f'module names, got {self.frozen_modules!r}')
         self.frozen_modules = frozen
         self.targets = normalise_targets(self.targets)
-        if not isinstance(self.with_cp, bool):
-            raise TypeError(f'with_cp must be True or False, got '
-                            f'{self.with_cp!r}')
 
     def to_dict(self) -> dict:
         """JSON-able settings (stored in checkpoints and compared on
@@ -105,9 +109,29 @@ class PeftConfig:
     def from_dict(cls: Type[C], data: dict) -> C:
         """The config a :meth:`to_dict` record describes; keys a newer or
         older apla_mm wrote that this version does not know are ignored and
-        missing ones take their defaults."""
+        missing ones take their defaults (apla_mm 0.2 stored ``with_cp``,
+        now the memory option ``checkpoint_blocks``)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def from_kwargs(cls: Type[C], owner: str, **kwargs) -> C:
+        """The config of keyword arguments given to ``owner`` (a hook or
+        :func:`~apla_mm.models.PEFTModel`), with a clear error for one the
+        method does not have."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(kwargs) - set(names))
+        if 'with_cp' in unknown:
+            raise TypeError(
+                f'{owner}: with_cp moved to the memory options in apla_mm '
+                '0.3, the same for every method: add '
+                "dict(type='MemoryEfficientHook', checkpoint_blocks=True) to "
+                'custom_hooks (or MemoryConfig(checkpoint_blocks=True)) and '
+                'drop with_cp here.')
+        if unknown:
+            raise TypeError(f'{owner}: unknown argument(s) {unknown}; '
+                            f'{cls.__name__} takes {names}.')
+        return cls(**kwargs)
 
 
 @dataclass
@@ -130,6 +154,16 @@ class AdaptedLayer:
 
 
 _ADAPTERS: Dict[str, Type['BaseAdapter']] = {}
+
+#: Attribute of the model under which its adapter is registered.
+_ADAPTER_ATTR = '_apla_mm_adapter'
+
+
+def get_adapter(model: nn.Module) -> Optional['BaseAdapter']:
+    """The adapter applied to ``model`` (inside any DDP/FSDP-style
+    wrapper), or ``None``."""
+    from .utils import unwrap_model
+    return unwrap_model(model).__dict__.get(_ADAPTER_ATTR)
 
 
 def adapter_class(method: Optional[str]) -> Type['BaseAdapter']:
@@ -182,6 +216,14 @@ class BaseAdapter:
             raise TypeError(f'{type(self).__name__} needs a '
                             f'{self.config_class.__name__}, got '
                             f'{type(config).__name__}')
+        existing = model.__dict__.get(_ADAPTER_ATTR)
+        if existing is not None:
+            raise RuntimeError(
+                f'{type(model).__name__} is already adapted with '
+                f'{existing.method!r} (e.g. by PEFTModel in the model config '
+                'and a PEFT hook at once); apply one adapter: keep either '
+                "model=dict(type='PEFTModel', ...) or the hook, or unload the "
+                'first.')
         self.model = model
         self.config = config
         self._hooks: Dict[str, object] = {}
@@ -195,10 +237,17 @@ class BaseAdapter:
             model.get_submodule(prefix).requires_grad_(False)
         for layer in self.layers:
             self._inject(layer)
-        self.checkpointed_blocks: List[str] = (
-            enable_block_checkpointing(
-                model, [layer.name for layer in self.layers])
-            if config.with_cp else [])
+        # A plain attribute, not a submodule: no state-dict keys; pickled
+        # and deep-copied with the model.
+        model.__dict__[_ADAPTER_ATTR] = self
+
+    def __getstate__(self) -> dict:
+        # Pickled/deep-copied with its model (torch.save(model), EMA): the
+        # copy keeps its state-dict hooks but is driven by no optimizer.
+        state = dict(self.__dict__)
+        state['_hooks'] = {k: v for k, v in self._hooks.items()
+                           if not k.startswith('optimizer:')}
+        return state
 
     # -- to implement ----------------------------------------------------
     def _make_layer(self, target: Target) -> AdaptedLayer:
@@ -253,6 +302,39 @@ class BaseAdapter:
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Keep the weights consistent with what ``optimizer`` trains (e.g.
         :meth:`sync_` after each step). Nothing to do by default."""
+
+    def complete_state_dict(self, state_dict: StateDict) -> StateDict:
+        """``state_dict`` (of the plain model, keyed as the model) with the
+        method's own entries it lacks, as loading it non-strictly would
+        leave them: for loaders that insist on every parameter (FSDP's full
+        state dict). By default it is returned as it is."""
+        return state_dict
+
+    def on_weights_loaded(self) -> None:
+        """What the method does once the run's weights are initialised or
+        loaded, before the first step (the hooks call it when training
+        starts; so does the benchmark). By default: :meth:`refresh_`."""
+        self.refresh_()
+
+    # -- what the report and inference ask of a method -------------------
+    #: How the parameter report describes the frozen modules.
+    frozen_note: ClassVar[str] = 'frozen except the adapter'
+    #: Whether inference outside training needs the adapter, merged into
+    #: the weights first (LoRA: its checkpoints hold factors); APLA's
+    #: checkpoints are plain models.
+    merges_for_inference: ClassVar[bool] = False
+
+    def describe(self) -> str:
+        """One line for the log: what is adapted and how much trains."""
+        return (f'{self.method}: {len(self.layers)} adapted weights, '
+                f'{self.num_trainable():,} trainable entries.')
+
+    def merge_for_inference(self) -> nn.Module:
+        """Prepare the model for validation/testing outside training:
+        merge and unload if :attr:`merges_for_inference`, else nothing."""
+        if self.merges_for_inference:
+            return self.merge_and_unload()
+        return self.model
 
     # -- checkpoints -----------------------------------------------------
     def meta(self) -> dict:
@@ -336,9 +418,9 @@ class BaseAdapter:
 
     def _remove(self) -> nn.Module:
         remove_hooks(self._hooks)
-        disable_block_checkpointing(self.model, self.checkpointed_blocks)
-        self.checkpointed_blocks = []
         for layer in self.layers:
             self._eject(layer)
         self.layers = []
+        if self.model.__dict__.get(_ADAPTER_ATTR) is self:
+            del self.model.__dict__[_ADAPTER_ATTR]
         return self.model

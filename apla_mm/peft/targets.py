@@ -22,8 +22,8 @@ that names the modules found there and the fix (HF peft's
 ``check_target_module_exists``).
 
 The same names drive activation checkpointing: :func:`enclosing_block` finds
-the transformer block around an adapted layer
-(:mod:`apla_mm.peft.checkpointing`).
+the transformer block around an attention projection
+(``checkpoint_blocks`` in :mod:`apla_mm.memory.checkpointing`).
 """
 import re
 from dataclasses import dataclass
@@ -222,6 +222,6 @@ def enclosing_block(name: str) -> str:
         if BLOCK_PATTERN.fullmatch(candidate):
             return candidate
     raise ValueError(
-        f'with_cp: found no transformer block (a module named "blocks.N" or '
-        f'"layers.N") around {name!r}; checkpoint the backbone with its own '
-        'switch instead (e.g. with_cp=True in its config).')
+        f'checkpoint_blocks: found no transformer block (a module named '
+        f'"blocks.N" or "layers.N") around {name!r}; checkpoint the backbone '
+        'with its own switch instead (e.g. with_cp=True in its config).')

@@ -10,17 +10,20 @@ call mmengine's ``load_state_dict(strict=False)``
 record every load of weights into the model while it is initialised, and
 refuse to train when a frozen module ends up incomplete.
 
-How it is recorded (narrowly, and undone afterwards):
-:class:`PretrainedLoadRecorder` is active from the PEFT hook's
+How it is recorded, whichever loader runs, with nothing patched:
+:class:`PretrainedLoadRecorder` registers torch's per-module load-state-dict
+pre-hooks (:func:`apla_mm.compat.register_load_state_dict_pre_hook`) on
+every module of the frozen modules and on the model, from the PEFT hook's
 ``before_run`` (which mmengine calls before ``_init_model_weights`` and
-``load_or_resume``) until the check at the start of training. While active,
-mmengine's ``load_state_dict`` -- the function object bound in
-``mmengine.runner.checkpoint`` and in every already imported module of
-mmengine, mmcv, mmseg, mmdet, mmpretrain and apla_mm that imported it by
-name, such as ``mmseg.models.backbones.vit`` -- is replaced by a wrapper that
-compares the given state dict with the module's (keys and shapes) and then
-calls the original unchanged. ``TimmViT`` reports its loads itself
-(:func:`record_pretrained_load`).
+``load_or_resume``) until the check at the start of training. Every loader
+-- ``nn.Module.load_state_dict``, mmengine's ``load_state_dict`` function
+(mmseg's ``VisionTransformer.init_weights``, ``PretrainedInit``,
+``load_from``, ``--resume``) -- calls ``_load_from_state_dict`` on each
+module, which runs the pre-hooks with the entries offered. Each hook compares
+its module's own entries (keys and shapes) with them; the hook of the module
+a load starts from also notes the file's entries the module does not have.
+Loaders that filter a file before loading it (``TimmViT``) report the whole
+file themselves (:func:`record_pretrained_load`).
 
 What counts as incomplete, per entry of a frozen module: missing in the
 file, present with another shape, or -- for entries of the file that the
@@ -39,7 +42,6 @@ model's entry names (e.g. ``'backbone\\.pos_embed'`` or
 are then listed as a warning.
 """
 import re
-import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import (Callable, Dict, Iterable, List, Mapping, Optional,
@@ -47,8 +49,7 @@ from typing import (Callable, Dict, Iterable, List, Mapping, Optional,
 
 import torch.nn as nn
 
-_SCANNED_PACKAGES = ('mmengine', 'mmcv', 'mmseg', 'mmdet', 'mmpretrain',
-                     'apla_mm')
+from apla_mm.compat import register_load_state_dict_pre_hook
 
 
 class IncompletePretrainedLoadError(RuntimeError):
@@ -67,7 +68,6 @@ class PretrainedLoad:
 
 
 _ACTIVE: List['PretrainedLoadRecorder'] = []
-_PATCHED: Dict[str, Callable] = {}
 
 
 def _shape(value) -> Optional[tuple]:
@@ -85,13 +85,42 @@ def _describe_source(module: nn.Module) -> str:
     return 'a state dict'
 
 
+def _compare(load: 'PretrainedLoad', own: Mapping[str, Optional[tuple]],
+             state_dict: Mapping, prefix: str = '') -> None:
+    for key, shape in own.items():
+        offered = state_dict.get(prefix + key, None) \
+            if prefix + key in state_dict else _MISSING
+        if offered is _MISSING:
+            if not key.endswith('num_batches_tracked'):
+                load.missing.append(key)
+        elif _shape(offered) != shape:
+            load.mismatched.append((key, _shape(offered), shape))
+        else:
+            load.provided.append(key)
+
+
+_MISSING = object()
+
+
+def _unexpected(own: Mapping, state_dict: Mapping,
+                ignore: Optional[Callable[[str], bool]] = None) -> List[str]:
+    # Entries of the file under a first name component the module has
+    # (``blocks.5...`` for a 4-block ViT); others (a classifier ``head``)
+    # belong to parts the file's model had and this one never has.
+    heads = {k.split('.', 1)[0] for k in own}
+    return [key for key in state_dict
+            if key not in own and not (ignore and ignore(key))
+            and key.split('.', 1)[0] in heads]
+
+
 def record_pretrained_load(
         module: nn.Module,
         state_dict: Mapping,
         source: Optional[str] = None,
         ignore_unexpected: Optional[Callable[[str], bool]] = None) -> None:
     """Tell the active recorders that ``state_dict`` is loaded into
-    ``module`` (call it before loading). A no-op when none is active.
+    ``module`` (call it before loading), for loaders that load only part of
+    a file. A no-op when none is active.
 
     Args:
         module (nn.Module): The module receiving the weights.
@@ -106,79 +135,90 @@ def record_pretrained_load(
     own = {k: _shape(v) for k, v in module.state_dict().items()}
     load = PretrainedLoad(weakref.ref(module), source
                           or _describe_source(module))
-    for key, shape in own.items():
-        if key not in state_dict:
-            if not key.endswith('num_batches_tracked'):
-                load.missing.append(key)
-        elif _shape(state_dict[key]) != shape:
-            load.mismatched.append((key, _shape(state_dict[key]), shape))
-        else:
-            load.provided.append(key)
-    heads = {k.split('.', 1)[0] for k in own}
-    for key in state_dict:
-        if key in own or (ignore_unexpected and ignore_unexpected(key)):
-            continue
-        if key.split('.', 1)[0] in heads:
-            load.unexpected.append(key)
+    _compare(load, own, state_dict)
+    load.unexpected = _unexpected(own, state_dict, ignore_unexpected)
     for recorder in _ACTIVE:
         recorder.loads.append(load)
 
 
-def _patch() -> None:
-    import mmengine.runner.checkpoint as ckpt_module
-    original = ckpt_module.load_state_dict
-
-    def load_state_dict(module, state_dict, strict=False, logger=None):
-        try:
-            record_pretrained_load(module, state_dict)
-        except Exception:  # recording must never break a load
-            pass
-        return original(module, state_dict, strict=strict, logger=logger)
-
-    load_state_dict.__wrapped__ = original  # type: ignore[attr-defined]
-    for name, mod in list(sys.modules.items()):
-        if mod is None or not name.startswith(_SCANNED_PACKAGES):
-            continue
-        if getattr(mod, 'load_state_dict', None) is original:
-            _PATCHED[name] = original
-            setattr(mod, 'load_state_dict', load_state_dict)
-
-
-def _unpatch() -> None:
-    for name, original in _PATCHED.items():
-        mod = sys.modules.get(name)
-        if mod is not None:
-            setattr(mod, 'load_state_dict', original)
-    _PATCHED.clear()
+def _own_entries(module: nn.Module) -> Dict[str, Optional[tuple]]:
+    """A module's own (not its children's) state-dict entries."""
+    out = {n: _shape(p) for n, p in module._parameters.items()
+           if p is not None}
+    out.update({n: _shape(b) for n, b in module._buffers.items()
+                if b is not None
+                and n not in module._non_persistent_buffers_set})
+    return out
 
 
 class PretrainedLoadRecorder:
-    """Record the loads of weights into modules while active.
+    """Record the loads of weights into a model's modules while active.
 
-    Use as a context manager or with :meth:`start`/:meth:`stop`; several
-    recorders may be active at once (mmengine's function is patched while at
-    least one is).
+    Use as a context manager or with :meth:`start`/:meth:`stop`. Registers
+    load-state-dict pre-hooks on ``model`` and on every module of
+    ``within`` (see the module docstring) and removes them on :meth:`stop`.
+    Several recorders may be active at once.
+
+    Args:
+        model (nn.Module): The (unwrapped) model.
+        within (Sequence[str]): Top-level modules whose loads are compared
+            entry by entry (the frozen modules).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, model: nn.Module,
+                 within: Sequence[str] = ('', )) -> None:
+        self.model = model
+        self.within = tuple(within)
         self.loads: List[PretrainedLoad] = []
+        self._handles: list = []
+        self._sources: Dict[int, str] = {}
 
     @property
     def active(self) -> bool:
         return self in _ACTIVE
 
+    def _hook(self, module, state_dict, prefix, *args) -> None:
+        try:
+            load = PretrainedLoad(weakref.ref(module),
+                                  self._sources.get(id(module),
+                                                    'a state dict'))
+            _compare(load, _own_entries(module), state_dict, prefix)
+            if not prefix:  # the module the load started from
+                own = {k: _shape(v)
+                       for k, v in module.state_dict().items()}
+                load.unexpected = _unexpected(own, state_dict)
+            if load.missing or load.mismatched or load.provided \
+                    or load.unexpected:
+                self.loads.append(load)
+        except Exception:  # recording must never break a load
+            pass
+
     def start(self) -> 'PretrainedLoadRecorder':
         if not self.active:
-            if not _ACTIVE:
-                _patch()
+            modules = {id(self.model): self.model}
+            by_name: Dict[str, str] = {}
+            self._sources = {}
+            for name, module in self.model.named_modules():
+                # the file named by the nearest init_cfg at or above
+                own = _describe_source(module)
+                parent = by_name.get(name.rpartition('.')[0], 'a state dict')
+                by_name[name] = own if own != 'a state dict' else parent
+                self._sources[id(module)] = by_name[name]
+                if '' in self.within or _in_modules(name, self.within):
+                    modules[id(module)] = module
+            self._handles = [
+                register_load_state_dict_pre_hook(m, self._hook)
+                for m in modules.values()
+            ]
             _ACTIVE.append(self)
         return self
 
     def stop(self) -> List[PretrainedLoad]:
         if self.active:
             _ACTIVE.remove(self)
-            if not _ACTIVE:
-                _unpatch()
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
         return self.loads
 
     def __enter__(self) -> 'PretrainedLoadRecorder':

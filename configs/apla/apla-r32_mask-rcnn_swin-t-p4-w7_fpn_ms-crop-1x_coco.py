@@ -7,3 +7,7 @@ custom_imports = dict(imports=['apla_mm'], allow_failed_imports=False)
 custom_hooks = [dict(type='APLAHook', rank=32, seed=0)]
 optim_wrapper = dict(
     paramwise_cfg=dict(bias_decay_mult=0.0, flat_decay_mult=0.0))
+# mmdet's Swin adds a LayerNorm per output (norm0-norm3) that Microsoft's
+# pretrained file does not have; frozen, they keep LayerNorm's identity
+# initialisation. The load guard would stop the run without this line.
+allow_partial_pretrained = [r'backbone\.norm[0-3]\..*']

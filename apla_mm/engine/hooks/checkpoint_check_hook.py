@@ -2,7 +2,7 @@
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 
-from apla_mm.peft.base import META_KEY
+from apla_mm.peft.base import META_KEY, get_adapter
 from apla_mm.peft.utils import unwrap_model
 from apla_mm.registry import HOOKS
 from apla_mm.utils.checkpoint_io import (check_state_dict_match,
@@ -64,8 +64,14 @@ class CheckpointCheckHook(Hook):
                     '`--cfg-options load_from=<checkpoint>` and without '
                     '--resume.')
         model = unwrap_model(runner.model)
+        state = state_dict_of(checkpoint)
+        adapter = get_adapter(model)
+        if adapter is not None:
+            # a plain checkpoint lacks the method's own new tensors (LoRA's
+            # factors before training), which keep their initial values
+            state = adapter.complete_state_dict(state)
         result = check_state_dict_match(
-            model.state_dict(), state_dict_of(checkpoint),
+            model.state_dict(), state,
             source=str(getattr(runner, '_load_from', None) or 'checkpoint'),
             allow_partial=self.allow_partial)
         if not result.complete:

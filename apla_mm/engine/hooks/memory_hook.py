@@ -1,4 +1,5 @@
 """The hook that switches on the training-memory options from a config."""
+import dataclasses
 from typing import Optional
 
 import torch
@@ -37,19 +38,20 @@ class MemoryEfficientHook(Hook):
         custom_hooks = [
             dict(type='APLAHook', rank=64),
             dict(type='MemoryEfficientHook', lean_loss=True,
-                 checkpoint_heads=True, fused_attention=True,
+                 checkpoint_blocks=True, checkpoint_heads=True,
+                 fused_attention=True,
                  frozen_dtype='bfloat16'),   # the last one needs --amp
         ]
 
     Runner stages (its priority, ``LOW``, puts it after the PEFT hooks):
 
     * ``before_run`` (training): applies ``lean_loss``,
-      ``checkpoint_heads`` and ``fused_attention``
+      ``checkpoint_blocks``, ``checkpoint_heads`` and ``fused_attention``
       (:func:`~apla_mm.memory.apply_memory_options`) and checks that
       ``frozen_dtype`` has an AMP optimizer wrapper of the same dtype.
     * ``before_train``: after the weights were initialised/loaded and
-      APLA's rows refreshed from them (``APLAHook.before_train``, priority
-      ``VERY_HIGH``), stores the frozen weights in ``frozen_dtype`` with fp32
+      the PEFT adapter took them over (``on_weights_loaded`` in the PEFT
+      hook's ``before_train``, priority ``VERY_HIGH``), stores the frozen weights in ``frozen_dtype`` with fp32
       masters; checkpoints keep the fp32 weights.
     * ``before_val_epoch``/``after_val_epoch``: validation runs without
       autocast, so the fp32 frozen weights are put back for it and cast
@@ -57,37 +59,25 @@ class MemoryEfficientHook(Hook):
     * ``after_train``: the fp32 frozen weights are put back.
 
     Args:
-        lean_loss (bool): Recompute the upsampling and the loss of every
-            decode head in backward; only the low-resolution logits are
-            kept.
-        checkpoint_heads (bool): Activation checkpointing of the neck and
-            heads in small regions.
-        frozen_dtype (str, optional): ``'bfloat16'``/``'float16'``: frozen
-            linear/conv/attention weights stored in it. Needs AMP.
-        fused_attention (bool): ``nn.MultiheadAttention`` (mmseg's ViT)
-            through ``F.scaled_dot_product_attention``.
-        lean_loss_chunk_mb (float): MiB of upsampled logits per recomputed
-            band. Defaults to 32.
         master_device (str, optional): Where the fp32 masters of the cast
             weights live; ``None`` keeps them on the model's device.
             Defaults to ``'cpu'``.
+        **options: The options, documented in one place:
+            :class:`~apla_mm.memory.MemoryConfig` (``lean_loss``,
+            ``checkpoint_blocks``, ``checkpoint_heads``, ``frozen_dtype``,
+            ``fused_attention``, ``lean_loss_chunk_mb``).
     """
 
     priority = 'LOW'
 
-    def __init__(self,
-                 lean_loss: bool = False,
-                 checkpoint_heads: bool = False,
-                 frozen_dtype: Optional[str] = None,
-                 fused_attention: bool = False,
-                 lean_loss_chunk_mb: float = 32.0,
-                 master_device: Optional[str] = 'cpu') -> None:
-        self.config = MemoryConfig(
-            lean_loss=lean_loss,
-            checkpoint_heads=checkpoint_heads,
-            frozen_dtype=frozen_dtype,
-            fused_attention=fused_attention,
-            lean_loss_chunk_mb=lean_loss_chunk_mb)
+    def __init__(self, master_device: Optional[str] = 'cpu',
+                 **options) -> None:
+        names = [f.name for f in dataclasses.fields(MemoryConfig)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise TypeError(f'MemoryEfficientHook: unknown option(s) '
+                            f'{unknown}; the options are {names}.')
+        self.config = MemoryConfig(**options)
         self.master_device = master_device
         self.handle: Optional[MemoryHandle] = None
         self._training = False

@@ -88,10 +88,10 @@ class APLAConfig(PeftConfig):
             ``{"block_0": [...], ...}`` files). Overrides ``selection``.
         frozen_modules (list[str]): Top-level modules that are frozen apart
             from the APLA rows. Defaults to ``('backbone',)``.
-        with_cp (bool): Recompute the activations of the transformer blocks
-            in backward instead of keeping them (activation checkpointing,
-            :mod:`apla_mm.peft.checkpointing`): less memory, one more
-            forward pass of the backbone. Defaults to False.
+
+    Activation checkpointing of the blocks is the memory option
+    ``checkpoint_blocks`` (:mod:`apla_mm.memory`), the same for every
+    method.
     """
     rank: Rank = 64
     seed: int = 0
@@ -99,7 +99,6 @@ class APLAConfig(PeftConfig):
     selection: str = 'random'
     index_file: Optional[str] = None
     frozen_modules: Tuple[str, ...] = field(default=('backbone', ))
-    with_cp: bool = False
 
     def __post_init__(self) -> None:
         check_rank(self.rank)

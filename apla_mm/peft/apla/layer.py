@@ -14,14 +14,22 @@ registers on the module
 
 Which side is authoritative when:
 
-* the module's own ``weight``/``bias`` stay frozen and always hold the
-  **merged** values. Before training the rows are copied *from* them
-  (``adapter.refresh_()``, after the weights were initialised or loaded); after
-  every optimizer step the rows are copied *into* them (``sync_``, run by an
-  optimizer step post-hook). So forward passes, ``state_dict()`` and
-  checkpoints always see the plain model with the trained rows in place;
-* during a step, the rows are what the optimizer changes; between the
-  optimizer's ``step()`` and its post-hook nothing reads the weights.
+* the module's own ``weight``/``bias`` stay frozen and hold the **merged**
+  values whenever something reads them: forward passes, ``state_dict()``
+  and checkpoints see the plain model with the trained rows in place;
+* the rows are what the optimizer changes.
+
+The two sides are kept in step by the layer itself, whoever changes one of
+them: every read (the swapped forward and ``weight``/``bias`` properties,
+``state_dict()``) first compares the tensors' version counters with those of
+the last copy (:func:`consistent_`). Rows changed since (an optimizer step,
+with or without ``adapter.attach_optimizer``): they are copied *into* the
+weights. Weights changed and rows not (initialised or loaded in place): the
+rows are copied *from* them. Eagerly, ``adapter.sync_()`` (what the optimizer
+step post-hook of ``attach_optimizer`` calls) and ``adapter.refresh_()`` do
+the same. So ``optimizer.step()`` can never leave W_O stale, under any
+optimizer, wrapper or sharding (under FSDP the parameters are complete only
+in forward, where the copy then happens).
 
 How gradients reach the rows: the module's class is swapped
 (:mod:`apla_mm.peft.swap`) for one whose ``weight``/``bias`` properties,
@@ -39,6 +47,7 @@ State-dict hooks keep checkpoints plain: saving drops the rows (the merged
 weight holds them); loading a plain checkpoint fills the rows from the
 loaded weight's selected rows.
 """
+import warnings
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -46,10 +55,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from apla_mm.compat import (register_load_state_dict_pre_hook,
+from apla_mm.compat import (holds_values,
+                             register_load_state_dict_pre_hook,
                              register_state_dict_post_hook)
 from ..base import AdaptedLayer
-from ..swap import register_swap, restore_class, swap_class
+from ..swap import (managed_by_fsdp, own_tensor, parameter_property,
+                    register_swap, restore_class, swap_class)
 
 ROW_PARAMS = ('apla_weight', 'apla_bias')
 INDEX_BUFFER = 'apla_index'
@@ -115,20 +126,45 @@ class RowLinear(torch.autograd.Function):
 
 
 def _linear_forward(self, input: torch.Tensor) -> torch.Tensor:
-    weight = self._parameters['weight']
-    bias = self._parameters.get('bias')
-    rows_w = self._parameters.get('apla_weight')
-    rows_b = self._parameters.get('apla_bias')
+    weight = own_tensor(self, 'weight')
+    bias = own_tensor(self, 'bias')
+    rows_w = own_tensor(self, 'apla_weight')
+    rows_b = own_tensor(self, 'apla_bias')
     trains = any(p is not None and p.requires_grad for p in (rows_w, rows_b))
+    if managed_by_fsdp(self, 'weight'):
+        return F.linear(input, _merged(self, 'weight', 'apla_weight'),
+                        _merged(self, 'bias', 'apla_bias'))
+    consistent_(self)
     if rows_w is None or not trains or not torch.is_grad_enabled():
         return F.linear(input, weight, bias)
     return RowLinear.apply(input, weight, bias, rows_w, rows_b,
                            self._buffers[INDEX_BUFFER])
 
 
+def _merged(module: nn.Module, name: str, rows_name: str):
+    """Under FSDP: the weight with the rows put in, out of place. FSDP
+    gathers each weight from its shards around forward and again before
+    backward, and only the rows are trained tensors there, so the merged
+    weight is rebuilt from them (a W_O-sized copy, saved for backward)
+    instead of written into a gathered view that resharding discards."""
+    base, rows = own_tensor(module, name), own_tensor(module, rows_name)
+    index = module._buffers[INDEX_BUFFER]
+    if base is None or rows is None or base.dim() != rows.dim() \
+            or base.shape[1:] != rows.shape[1:] \
+            or rows.shape[0] != index.numel() \
+            or base.untyped_storage().nbytes() == 0 \
+            or rows.untyped_storage().nbytes() == 0:
+        # FSDP swapping views: flat shards, or gathered views whose storage
+        # it already freed (FSDP's own hasattr checks read the property)
+        return base
+    return base.index_copy(0, index, rows.to(base.dtype))
+
+
 def _routed(module: nn.Module, name: str, rows_name: str):
-    base = module._parameters[name]
-    rows = module._parameters.get(rows_name)
+    if managed_by_fsdp(module, name):
+        return _merged(module, name, rows_name)
+    consistent_(module)
+    base, rows = own_tensor(module, name), own_tensor(module, rows_name)
     if base is None or rows is None or not rows.requires_grad \
             or not torch.is_grad_enabled():
         return base
@@ -144,21 +180,35 @@ def _bias_property(self):
 
 
 _PROPERTIES = {
-    'weight': property(_weight_property),
-    'bias': property(_bias_property),
+    'weight': parameter_property('weight', _weight_property),
+    'bias': parameter_property('bias', _bias_property),
 }
 #: Projections read by their owner (``nn.MultiheadAttention.out_proj``) or
 #: with a forward of their own: the routing properties only.
-APLA_ROUTED = register_swap('apla', 'APLA', _PROPERTIES)
+APLA_ROUTED = register_swap('apla', 'APLA', _PROPERTIES, group='adapter')
 #: Plain ``nn.Linear`` projections: the same, plus the row-only backward.
 APLA_LINEAR = register_swap('apla.linear', 'APLA',
-                            dict(_PROPERTIES, forward=_linear_forward))
+                            dict(_PROPERTIES, forward=_linear_forward),
+                            group='adapter')
 
 
-def _drop_rows_from_state_dict(module, state_dict, prefix, local_metadata):
-    # ``weight``/``bias`` already hold the merged values.
-    for name in ROW_PARAMS:
-        state_dict.pop(prefix + name, None)
+def _merge_rows_for_state_dict(module, state_dict, prefix, local_metadata):
+    # ``weight``/``bias`` hold the merged values once the sides are in step;
+    # the entries are the same tensors, so the copy reaches them. The rows
+    # themselves are dropped by the model-level hook
+    # (:func:`drop_rows_from_state_dict`): FSDP checks that every parameter
+    # of a unit is in the state dict after the unit's own hooks ran.
+    consistent_(module)
+
+
+def drop_rows_from_state_dict(layer_names, module, state_dict, prefix,
+                              local_metadata) -> None:
+    """State-dict post-hook of the adapted model (``functools.partial``
+    with ``layer_names``): the rows leave the checkpoint, whose W_O holds
+    them merged."""
+    for name in layer_names:
+        for rows in ROW_PARAMS:
+            state_dict.pop(f'{prefix}{name}.{rows}', None)
 
 
 def _rows_from_state_dict(module, state_dict, prefix, *args):
@@ -226,8 +276,9 @@ def inject(layer: APLALayer, hooks: dict) -> None:
     plain_linear = isinstance(m, nn.Linear) \
         and type(m).forward is nn.Linear.forward
     swap_class(m, APLA_LINEAR if plain_linear else APLA_ROUTED)
+    _record(m)
     hooks[layer.name + ':save'] = \
-        register_state_dict_post_hook(m, _drop_rows_from_state_dict)
+        register_state_dict_post_hook(m, _merge_rows_for_state_dict)
     hooks[layer.name + ':load'] = \
         register_load_state_dict_pre_hook(m, _rows_from_state_dict)
 
@@ -237,26 +288,136 @@ def eject(layer: APLALayer) -> None:
     if layer.full:
         return
     m = layer.module
-    restore_class(m)
+    restore_class(m, APLA_LINEAR)
+    restore_class(m, APLA_ROUTED)
     for name in ROW_PARAMS:
         m._parameters.pop(name, None)
     m._buffers.pop(INDEX_BUFFER, None)
+    m.__dict__.pop(_SYNCED, None)
+
+
+#: Instance attribute: the version counters of the merged weights and of the
+#: rows right after their last copy (:func:`consistent_`).
+_SYNCED = '_apla_synced_versions'
+
+
+def _versions(module: nn.Module, names) -> tuple:
+    return tuple(p._version for p in (module._parameters.get(n)
+                                      for n in names) if p is not None)
+
+
+def _record(module: nn.Module) -> None:
+    # Stamped with the tensors' identity (:func:`_identity`); without a
+    # valid record the rows, the trained values, are copied over.
+    module.__dict__[_SYNCED] = (_identity(module),
+                                _versions(module, ('weight', 'bias')),
+                                _versions(module, ROW_PARAMS))
+
+
+def _identity(module: nn.Module) -> tuple:
+    # Which tensors the record is about: a copied module has new ones, and
+    # FSDP gives the same parameters new storage (``.data``) on every
+    # gather; either way the record means nothing then.
+    weight, rows = module._parameters['weight'], \
+        module._parameters['apla_weight']
+    return (id(weight), weight.data_ptr(), rows.data_ptr())
 
 
 @torch.no_grad()
-def _copy_rows_(layer: APLALayer, into_weights: bool) -> None:
-    if layer.full:
-        return
-    m = layer.module
-    index = m._buffers[INDEX_BUFFER]
+def _copy(module: nn.Module, into_weights: bool) -> None:
+    index = module._buffers[INDEX_BUFFER]
     for name, rows in zip(('weight', 'bias'), ROW_PARAMS):
-        if m._parameters.get(rows) is None:
+        if module._parameters.get(rows) is None:
             continue
-        merged, trainable = m._parameters[name], m._parameters[rows]
+        merged, trainable = module._parameters[name], module._parameters[rows]
         if into_weights:
             merged.index_copy_(0, index, trainable.to(merged.dtype))
         else:
             trainable.copy_(merged.index_select(0, index))
+    _record(module)
+
+
+def consistent_(module: nn.Module) -> None:
+    """Bring the merged weights and the rows of an adapted module in step
+    after whichever side changed since the last copy (see the module
+    docstring).
+
+    * the rows' version counters moved (an optimizer step): rows -> weights;
+    * only the weights' counters moved (initialised or loaded in place):
+      weights -> rows;
+    * neither moved but the values differ: rows -> weights. Fused optimizers
+      (``AdamW(fused=True)``) update parameters without moving their version
+      counters (checked on torch 2.13), so values are compared too; a warning
+      says once that ``adapter.attach_optimizer(optimizer)`` makes the copy
+      happen right after each step instead.
+    """
+    if not _complete(module):
+        # no rows; or FSDP holds the parameters: sharded (flat views), or
+        # gathered views that are merged out of place (:func:`_merged`)
+        return
+    synced = module.__dict__.get(_SYNCED)
+    if synced is not None and synced[0] != _identity(module):
+        synced = None
+    merged, rows = _versions(module, ('weight', 'bias')), \
+        _versions(module, ROW_PARAMS)
+    if synced is None or rows != synced[2]:
+        _copy(module, into_weights=True)
+    elif merged != synced[1]:
+        _copy(module, into_weights=False)
+    elif holds_values(module._parameters['apla_weight']) \
+            and not _equal(module):
+        _warn_unversioned()
+        _copy(module, into_weights=True)
+
+
+@torch.no_grad()
+def _equal(module: nn.Module) -> bool:
+    index = module._buffers[INDEX_BUFFER]
+    for name, rows in zip(('weight', 'bias'), ROW_PARAMS):
+        trainable = module._parameters.get(rows)
+        if trainable is None:
+            continue
+        merged = module._parameters[name]
+        if not torch.equal(merged.index_select(0, index),
+                           trainable.to(merged.dtype)):
+            return False
+    return True
+
+
+_WARNED = []
+
+
+def _warn_unversioned() -> None:
+    if not _WARNED:
+        _WARNED.append(True)
+        warnings.warn(
+            'APLA: the trained rows changed without their version counters '
+            'moving (a fused optimizer?); the rows were copied into W_O '
+            'before this forward pass. Call adapter.attach_optimizer('
+            'optimizer) to copy them right after each step (the APLA/PEFT '
+            'hooks do).', stacklevel=3)
+
+
+def _complete(module: nn.Module) -> bool:
+    """Whether the module holds its whole weight and rows as parameters
+    (not FSDP's flat shards or views)."""
+    weight, rows = own_tensor(module, 'weight'), own_tensor(module,
+                                                           'apla_weight')
+    return (rows is not None and weight is not None
+            and not managed_by_fsdp(module, 'weight')
+            and weight.dim() == 2 and rows.dim() == 2
+            and weight.shape[1] == rows.shape[1]
+            and rows.shape[0] == module._buffers[INDEX_BUFFER].numel()
+            and weight.untyped_storage().nbytes() > 0
+            and rows.untyped_storage().nbytes() > 0)
+
+
+def _copy_rows_(layer: APLALayer, into_weights: bool) -> None:
+    if layer.full or not _complete(layer.module):
+        # rank='full'; or FSDP holds a flat shard outside forward (the rows
+        # are merged out of place in forward and in the state dict)
+        return
+    _copy(layer.module, into_weights)
 
 
 def rows_to_weights_(layer: APLALayer) -> None:

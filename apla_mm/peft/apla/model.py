@@ -21,17 +21,19 @@ choice in :mod:`.selection`. Consequences:
 * ``state_dict()`` has exactly the keys of the unmodified model and holds the
   merged weights, so checkpoints are plain model checkpoints.
 """
+import functools
 import json
 from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from apla_mm.compat import register_state_dict_post_hook
 from ..base import BaseAdapter, StateDict
 from ..targets import Target
 from .config import APLAConfig, layer_rank
-from .layer import (APLALayer, eject, inject, rows_to_weights_,
-                    weights_to_rows_)
+from .layer import (APLALayer, drop_rows_from_state_dict, eject, inject,
+                    rows_to_weights_, weights_to_rows_)
 from .selection import (check_indices, load_index_file, norm_channels,
                         random_channels)
 
@@ -46,7 +48,7 @@ class APLAAdapter(BaseAdapter):
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable)   # rows + neck/heads
         adapter.attach_optimizer(optimizer)        # sync_() after each step
-        loss.backward(); optimizer.step()
+        loss.backward(); optimizer.step()   # (W_O follows the rows anyway)
         torch.save(model.state_dict(), 'model.pth')  # plain keys, merged
 
     (``trainable`` holds the rows ``apla_weight``/``apla_bias``, not the
@@ -69,6 +71,7 @@ class APLAAdapter(BaseAdapter):
     method = 'apla'
     config_class = APLAConfig
     default_targets = ('proj', )
+    frozen_note = 'frozen except W_O rows'
     layers: List[APLALayer]
 
     def __init__(self, model: nn.Module, config: APLAConfig) -> None:
@@ -105,6 +108,14 @@ class APLAAdapter(BaseAdapter):
 
     def _inject(self, layer: APLALayer) -> None:
         inject(layer, self._hooks)
+        if not layer.full and 'model:drop-rows' not in self._hooks:
+            self._hooks['model:drop-rows'] = register_state_dict_post_hook(
+                self.model, functools.partial(
+                    drop_rows_from_state_dict, self._row_layers))
+
+    @property
+    def _row_layers(self) -> List[str]:
+        return [layer.name for layer in self.layers if not layer.full]
 
     def _eject(self, layer: APLALayer) -> None:
         eject(layer)
@@ -166,6 +177,33 @@ class APLAAdapter(BaseAdapter):
         with open(path, 'w') as f:
             json.dump(self.indices(), f, indent=1)
 
+    def on_weights_loaded(self) -> None:
+        """Once the run's weights are in place: choose the channels with
+        ``selection='norm'`` (unless a resumed checkpoint set them), else
+        reload the rows from the weights."""
+        if self.needs_selection:
+            self.select_from_weights_()
+        else:
+            self.refresh_()
+
+    def describe(self) -> str:
+        layer = self.layers[0]
+        ranks = sorted({(lay.target_rank, lay.out_features)
+                        for lay in self.layers})
+        if self.config.full:
+            rank = 'all'
+        elif len(ranks) == 1:
+            rank = f'{layer.target_rank} of {layer.out_features}'
+        else:
+            rank = ', '.join(f'{r} of {o}' for r, o in ranks) + (
+                f' (rank={self.config.rank})')
+        selection = ('index file' if self.config.index_file else
+                     self.config.selection)
+        return (f'APLA: {len(self.layers)} attention output projections '
+                f'(e.g. {layer.name}), {rank} output channels each, '
+                f'{selection} selection, seed {self.config.seed}; '
+                f'{self.num_trainable():,} trainable entries in W_O.')
+
     # -- the contract: rows and weights ----------------------------------
     def sync_(self) -> None:
         """Copy the trainable rows into the frozen weights (after a step)."""
@@ -194,6 +232,23 @@ class APLAAdapter(BaseAdapter):
             return
         self._hooks[key] = optimizer.register_step_post_hook(
             lambda _optimizer, _args, _kwargs: self.sync_())
+
+    def complete_state_dict(self, state_dict: StateDict) -> StateDict:
+        """Rows missing in a plain checkpoint are its W_O's selected rows
+        (what the layers' load hook derives)."""
+        out = dict(state_dict)
+        for layer in self.layers:
+            if layer.full:
+                continue
+            index = layer.module._buffers['apla_index']
+            for name, rows in (('weight', 'apla_weight'),
+                               ('bias', 'apla_bias')):
+                key = f'{layer.name}.{name}'
+                if key in out and f'{layer.name}.{rows}' not in out \
+                        and (name == 'weight' or layer.has_bias):
+                    out[f'{layer.name}.{rows}'] = out[key].index_select(
+                        0, index.to(out[key].device))
+        return out
 
     # -- the contract: parameters ----------------------------------------
     def replacements(self) -> Dict[int, List[nn.Parameter]]:

@@ -5,21 +5,14 @@ W_O uniformly at random, once, and keeps them fixed. Here the choice of a
 layer depends only on ``(seed, layer name)``, so every process and every
 machine picks the same channels without communicating.
 """
-import hashlib
 import json
 import os.path as osp
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..utils import layer_seed
 from .config import Rank
-
-
-def layer_seed(seed: int, name: str) -> int:
-    """A 63-bit seed derived from ``(seed, layer name)``, the same on every
-    machine and process."""
-    digest = hashlib.sha256(f'apla:{seed}:{name}'.encode()).digest()
-    return int.from_bytes(digest[:8], 'little') & ((1 << 63) - 1)
 
 
 def random_channels(out_features: int, rank: int, seed: int,

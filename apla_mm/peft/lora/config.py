@@ -25,17 +25,17 @@ class LoRAConfig(PeftConfig):
             :mod:`apla_mm.peft.targets`). Defaults to ``('qkv', 'proj')``.
         dropout (float): Dropout on the LoRA branch's input (module-called
             layers only). Defaults to 0.
+        seed (int): Seed of ``A``'s initialisation, drawn per layer from
+            ``(seed, layer name)``. Defaults to 0.
         frozen_modules (list[str]): Top-level modules frozen apart from the
             factors. Defaults to ``('backbone',)``.
-        with_cp (bool): Recompute the adapted transformer blocks in backward
-            (:mod:`apla_mm.peft.checkpointing`). Defaults to False.
     """
     rank: int = 8
     alpha: float = 16.0
     targets: Targets = ('qkv', 'proj')
     dropout: float = 0.0
+    seed: int = 0
     frozen_modules: Tuple[str, ...] = field(default=('backbone', ))
-    with_cp: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) \
@@ -44,6 +44,8 @@ class LoRAConfig(PeftConfig):
                              f'{self.rank!r}')
         if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
             raise ValueError(f'LoRA alpha must be > 0, got {self.alpha!r}')
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f'seed must be an int, got {self.seed!r}')
         if not 0 <= self.dropout < 1:
             raise ValueError(f'dropout must be in [0, 1), got {self.dropout}')
         super().__post_init__()

@@ -13,12 +13,14 @@ the factors; the hook merges them for testing (:meth:`merge_and_unload`) and
 """
 from typing import List
 
+import torch
 import torch.nn as nn
 
 from ..base import BaseAdapter, StateDict
 from ..targets import Target
 from .config import LoRAConfig, lora_scale
-from .layer import FACTORS, LoRALayer, delta_weight, eject, inject, merge_
+from .layer import (FACTORS, LoRALayer, delta_weight, eject, initial_a,
+                    inject, merge_)
 
 
 class LoRAAdapter(BaseAdapter):
@@ -32,7 +34,34 @@ class LoRAAdapter(BaseAdapter):
     method = 'lora'
     config_class = LoRAConfig
     default_targets = ('qkv', 'proj')
+    frozen_note = 'frozen except LoRA factors'
+    #: Checkpoints hold the factors beside the frozen weights; inference
+    #: outside training merges them first (the plain model runs).
+    merges_for_inference = True
     layers: List[LoRALayer]
+
+    def describe(self) -> str:
+        return (f'LoRA: {len(self.layers)} weights (e.g. '
+                f'{self.layers[0].name}), rank {self.config.rank}, alpha '
+                f'{self.config.alpha}; {self.num_trainable():,} trainable '
+                'entries in the factors.')
+
+    def complete_state_dict(self, state_dict: StateDict) -> StateDict:
+        """Factors missing in a plain checkpoint are LoRA's initial ones
+        (seeded ``A``, zero ``B``: the update starts at zero)."""
+        out = dict(state_dict)
+        for layer in self.layers:
+            a_key, b_key = f'{layer.name}.lora_A', f'{layer.name}.lora_B'
+            if a_key not in out:
+                out[a_key] = initial_a(self.config.rank, layer.in_features,
+                                       self.config.seed, layer.name)
+            if b_key not in out:
+                out[b_key] = torch.zeros(layer.out_features, self.config.rank)
+        return out
+
+    def on_weights_loaded(self) -> None:
+        """Nothing: the factors are the method's own and not derived from
+        the weights."""
 
     def _make_layer(self, target: Target) -> LoRALayer:
         out_features, in_features = target.shape
@@ -41,7 +70,7 @@ class LoRAAdapter(BaseAdapter):
 
     def _inject(self, layer: LoRALayer) -> None:
         inject(layer, self.config.rank, self.config.scale,
-               self.config.dropout)
+               self.config.dropout, self.config.seed)
 
     def _eject(self, layer: LoRALayer) -> None:
         eject(layer)
