@@ -363,17 +363,104 @@ def test_planner_shards_parameters_gradients_and_optimizer_state():
 
 
 @pytest.mark.parametrize('method', ['apla', 'lora'])
-def test_peft_layers_are_refused_before_wrapping(method):
-    """APLA's and LoRA's class swaps expose weights as read-only properties,
-    which FSDP1 cannot replace: the strategy says so (measured: FSDP fails
-    with "property 'weight' of 'APLANonDynamicallyQuantizableLinear' object
-    has no setter", resp. LoRA's 'in_proj_weight')."""
+def test_peft_layers_let_fsdp_replace_their_parameters(method):
+    """APLA's and LoRA's class swaps expose weights as properties with
+    setters (apla_mm.peft.swap.parameter_property), so FSDP1 can replace
+    parameters by views and back; a read-only property elsewhere is still
+    refused before wrapping."""
     from apla_mm.engine.strategies.fsdp import check_settable_parameters
     from apla_mm.peft import adapter_class
     model = _toy_model(FULL)
-    check_settable_parameters(model)
     cls = adapter_class(method)
     settings = dict(rank=8) if method == 'lora' else dict(rank=16, seed=0)
     cls(model, cls.config_class.from_kwargs('test', **settings))
+    check_settable_parameters(model)
+    module = model.backbone.layers[0].attn.attn
+    name = 'in_proj_weight' if method == 'lora' else None
+    if name is None:
+        module, name = module.out_proj, 'weight'
+    param = module._parameters[name]
+    # what FSDP does: delattr, setattr(view), ..., delattr, setattr(param)
+    delattr(module, name)
+    assert not hasattr(module, name)
+    view = param.detach().view(-1).view(param.shape)
+    setattr(module, name, view)
+    assert name not in module._parameters and module.__dict__[name] is view
+    delattr(module, name)
+    setattr(module, name, param)
+    assert module._parameters[name] is param and name not in module.__dict__
+
+    class ReadOnly(nn.Module):
+        weight = property(lambda self: self._parameters['weight'])
+
+        def __init__(self):
+            super().__init__()
+            self._parameters['weight'] = nn.Parameter(torch.zeros(2))
+
     with pytest.raises(RuntimeError, match='read-only property'):
-        check_settable_parameters(model)
+        check_settable_parameters(nn.Sequential(ReadOnly()))
+
+
+PEFT_SETTINGS = {'apla': "method='apla', rank=16, seed=0",
+                 'lora': "method='lora', rank=4, alpha=8, seed=0"}
+
+
+def _peft_config(tmp_path, method, fsdp):
+    """The toy config with the method applied at build time (PEFTModel, the
+    route FlexibleRunner needs) and PEFTHook for the checkpoint meta."""
+    (tmp_path / 'fsdp_probe.py').write_text(PROBE)
+    lines = [
+        f"_base_ = ['{osp.join(REPO_ROOT, 'configs', FULL)}']",
+        "custom_imports = dict(imports=['apla_mm', 'fsdp_probe'], "
+        'allow_failed_imports=False)',
+        "custom_hooks = [dict(type='FSDPProbeHook'), dict(type='PEFTHook')]",
+        "model = dict(_delete_=True, type='PEFTModel', model=_base_.model, "
+        f'{PEFT_SETTINGS[method]})',
+    ]
+    if fsdp:
+        lines += [
+            "runner_type = 'FlexibleRunner'",
+            "strategy = dict(type='PortableFSDPStrategy', "
+            f"wrap_module_classes=['{BLOCK}'])",
+        ]
+    path = tmp_path / f"{'fsdp' if fsdp else 'ddp'}_{method}.py"
+    path.write_text('\n'.join(lines) + '\n')
+    return str(path)
+
+
+@pytest.mark.slow
+@needs_cpu_fsdp
+@pytest.mark.parametrize('method', ['apla', 'lora'])
+def test_fsdp_peft_equals_ddp_and_checkpoints_stay_plain(
+        method, toy_seg_root, tmp_path):
+    from apla_mm.testing import assert_apla_trained
+    initial = _state(_initial_checkpoint(tmp_path, FULL))['state_dict']
+    runs = {}
+    for fsdp in (True, False):
+        work = str(tmp_path / ('fsdp' if fsdp else 'ddp'))
+        _train(tmp_path, _peft_config(tmp_path, method, fsdp), work,
+               toy_seg_root, 3)
+        runs[fsdp] = _state(osp.join(work, 'iter_3.pth'))
+    fsdp_ckpt, ddp_ckpt = runs[True], runs[False]
+    weights = fsdp_ckpt['state_dict']
+    meta = fsdp_ckpt['meta']['apla_mm']
+    assert meta == ddp_ckpt['meta']['apla_mm']
+    worst = max((weights[k].float() - v.float()).abs().max().item()
+                for k, v in ddp_ckpt['state_dict'].items())
+    assert worst <= ATOL, worst
+    if method == 'apla':
+        # plain keys, merged W_O: frozen entries bit-identical, rows moved
+        assert set(weights) == _plain_keys()
+        indices = {name: info['index']
+                   for name, info in meta['layers'].items()}
+        assert assert_apla_trained(initial, weights, indices) == 8
+    else:
+        # the plain keys plus the factors; the base weights untouched
+        assert set(weights) - _plain_keys() == {
+            f'{layer}.{f}' for layer in meta['layers']
+            for f in ('lora_A', 'lora_B')}
+        for key in _plain_keys():
+            if key.startswith('backbone.'):
+                assert torch.equal(weights[key], initial[key]), key
+        assert any(weights[f'{layer}.lora_B'].abs().sum() > 0
+                   for layer in meta['layers'])

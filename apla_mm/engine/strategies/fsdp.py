@@ -212,9 +212,10 @@ def check_settable_parameters(model: nn.Module) -> None:
     its flat parameter with ``setattr(module, name, view)``
     (``torch/distributed/fsdp/_flat_param.py``,
     ``_safe_setattr_tensor_or_param``). A module whose class exposes that
-    name as a read-only property (the class swaps of APLA's and LoRA's
-    layers, :mod:`apla_mm.peft.swap`) fails there with "property ... has no
-    setter"; this says so before wrapping.
+    name as a read-only property fails there with "property ... has no
+    setter"; this says so before wrapping. apla_mm's own swaps (APLA's and
+    LoRA's layers) define setters (:func:`apla_mm.peft.swap.
+    parameter_property`) and pass.
 
     Raises:
         RuntimeError: Naming the first such module and the way out.
@@ -225,12 +226,12 @@ def check_settable_parameters(model: nn.Module) -> None:
             if isinstance(attr, property) and attr.fset is None:
                 raise RuntimeError(
                     f'{name}.{pname}: {type(module).__name__} exposes the '
-                    'parameter through a read-only property (a PEFT layer '
-                    "swap), and FSDP replaces parameters with setattr. "
-                    'This PEFT method does not run under FSDP yet: train it '
-                    'with DDP (tools/dist_train.sh with a config without '
-                    'runner_type/strategy), or use full fine-tuning or a '
-                    'frozen backbone under FSDP. See docs/distributed.md.')
+                    'parameter through a read-only property, and FSDP '
+                    'replaces parameters with setattr. Give the property a '
+                    'setter (see apla_mm.peft.swap.parameter_property), or '
+                    'train this model with DDP (tools/dist_train.sh with a '
+                    'config without runner_type/strategy). See '
+                    'docs/distributed.md.')
 
 
 @STRATEGIES.register_module()
@@ -371,6 +372,14 @@ class PortableFSDPStrategy(FSDPStrategy):
 
     def load_model_state_dict(self, state_dict: dict, **kwargs) -> None:
         if self.sharded:
+            # FSDP's full-state-dict load asserts that every parameter of a
+            # unit is in the file; a plain checkpoint lacks a PEFT method's
+            # own tensors, which the adapter derives (APLA's rows from W_O)
+            # or starts from (LoRA's initial factors).
+            from apla_mm.peft import get_adapter
+            adapter = get_adapter(self.model)
+            if adapter is not None:
+                state_dict = adapter.complete_state_dict(state_dict)
             return super().load_model_state_dict(state_dict, **kwargs)
         return SingleDeviceStrategy.load_model_state_dict(
             self, state_dict, **kwargs)
