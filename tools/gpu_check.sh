@@ -101,7 +101,9 @@ PY
 "$VPY" - <<'PY' || die "the machine lacks a package the wheelhouse leaves out (tools/constraints/gpu-machine-excludes.txt): add it to the wheelhouse"
 import importlib.util, sys
 from importlib import metadata
-missing = [m for m in ('torch', 'torchvision', 'numpy', 'PIL', 'cv2', 'yaml', 'tqdm', 'packaging', 'regex', 'safetensors', 'huggingface_hub')
+# the imports of apla_mm's stack that the wheelhouse leaves to the machine
+missing = [m for m in ('torch', 'torchvision', 'numpy', 'PIL', 'cv2', 'yaml', 'tqdm', 'packaging', 'regex',
+                       'safetensors', 'huggingface_hub', 'scipy', 'matplotlib', 'rich', 'six', 'wheel', 'ninja')
            if importlib.util.find_spec(m) is None]
 import re
 timm = metadata.version('timm') if importlib.util.find_spec('timm') else None
@@ -142,13 +144,16 @@ import json, sys
 log, out, install_s, ops, arch = sys.argv[1:]
 lines = [l.split(' ', 1) for l in open(log) if ' ' in l]
 marks = [(int(t), text) for t, text in lines if '[apla_mm install]' in text]
-mmcv = None
+mmcv, source = None, 'already installed'
 for i, (t, text) in enumerate(marks):
     if 'building mmcv' in text and i + 1 < len(marks):
-        mmcv = marks[i + 1][0] - t
-json.dump({'install_s': int(install_s), 'mmcv_build_s': mmcv, 'mmcv_ops': ops,
-           'torch_cuda_arch_list': arch or None}, open(out, 'w'))
-print(f'[gpu_check] install {install_s} s, mmcv build {mmcv} s (ops: {ops})')
+        mmcv, source = marks[i + 1][0] - t, 'built from mmcv-2.1.0.tar.gz'
+    elif 'from the wheel cache' in text:
+        source = 'a wheel built earlier for the same Python, torch, CUDA and ops'
+json.dump({'install_s': int(install_s), 'mmcv_build_s': mmcv, 'mmcv': source,
+           'mmcv_ops': ops, 'torch_cuda_arch_list': arch or None}, open(out, 'w'))
+print(f'[gpu_check] install {install_s} s; mmcv: {source}'
+      + (f' in {mmcv} s' if mmcv is not None else '') + f' (ops: {ops})')
 PY
 
 # 3. the report, within what is left of the budget
