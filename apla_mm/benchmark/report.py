@@ -1,6 +1,7 @@
 """Benchmark outputs: a markdown table, a JSON file and a PNG chart."""
 import json
 import os
+import textwrap
 import os.path as osp
 from typing import Dict, List, Optional, Sequence
 
@@ -280,7 +281,9 @@ def _memory_panel(ax, methods: List[dict], y: List[int]) -> None:
         ax.text(x, yi, f'  {total:,.0f}', va='center', fontsize=8)
     ax.set_yticks(y)
     ax.set_yticklabels([r['label'] for r in methods])
-    ax.set_xlabel('training memory, MB (exact account; diamond: measured)')
+    ax.set_xlabel('training memory, MB (exact account'
+                  + ('; diamond: measured peak)'
+                     if any(p is not None for p in peaks) else ')'))
     ax.set_xlim(0, max(right) * 1.2)
 
 
@@ -323,10 +326,12 @@ def chart(results: dict, path: str, title: Optional[str] = None) -> None:
                     'training step, s (median, IQR)')
         _time_panel(axes[0][2], methods, y, 'infer_time',
                     'inference, s (median, IQR)')
-    fig.suptitle((title or 'apla_mm benchmark') + '\n' + settings_line(meta),
+    settings = textwrap.fill(settings_line(meta), width=int(95 * ncols))
+    fig.suptitle((title or 'apla_mm benchmark') + '\n' + settings,
                  fontsize=9)
     fig.tight_layout(rect=(0, 0.45 / (1.6 + 0.45 * len(methods)), 1, 1))
-    fig.savefig(path, dpi=110)
+    # nothing cut off: the long method labels and the settings lines
+    fig.savefig(path, dpi=110, bbox_inches='tight')
     plt.close(fig)
 
 
