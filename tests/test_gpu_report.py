@@ -73,11 +73,12 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
     assert '--device cpu --quick' in proc.stderr
 
 
-@pytest.fixture(scope='module')
-def quick_report(tmp_path_factory):
+@pytest.mark.slow
+def test_quick_report_on_a_cpu(tmp_path):
     """``tools/gpu_report.py --device cpu --quick``, run as a user would
-    (about a minute and a half on two busy cores)."""
-    out = str(tmp_path_factory.mktemp('gpu_report'))
+    (90-150 s on two busy cores; one test, so that pytest-xdist runs it
+    once)."""
+    out = str(tmp_path)
     env = dict(os.environ, PYTHONWARNINGS='ignore', OMP_NUM_THREADS='1')
     proc = subprocess.run(
         [sys.executable, 'tools/gpu_report.py', '--out', out, '--device',
@@ -87,12 +88,13 @@ def quick_report(tmp_path_factory):
         md = f.read()
     with open(osp.join(out, 'report.json')) as f:
         data = json.load(f)
-    return proc, data, md
+    _check_sections(proc, data, md)
+    _check_memory(data)
+    _check_time_and_inference(data)
+    _check_stock_amp_runs(data)
 
 
-@pytest.mark.slow
-def test_quick_report_passes_and_has_every_section(quick_report):
-    proc, data, md = quick_report
+def _check_sections(proc, data, md):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert data['passed'] and not data['errors']
     assert data['checks'] and all(c['passed'] for c in data['checks'])
@@ -110,9 +112,7 @@ def test_quick_report_passes_and_has_every_section(quick_report):
     assert data['seconds']['total'] > 0
 
 
-@pytest.mark.slow
-def test_quick_report_memory_account_and_peak(quick_report):
-    _, data, _ = quick_report
+def _check_memory(data):
     memory = data['memory']
     groups = {g['precision']: g for g in memory['groups']}
     assert sorted(groups) == ['bf16', 'fp32']
@@ -148,9 +148,7 @@ def test_quick_report_memory_account_and_peak(quick_report):
     assert check['decisive'] is False  # informative on a CPU
 
 
-@pytest.mark.slow
-def test_quick_report_time_and_inference(quick_report):
-    _, data, _ = quick_report
+def _check_time_and_inference(data):
     for group in data['memory']['groups']:
         rows = {r['name']: r for r in group['methods']}
         for row in rows.values():
@@ -168,9 +166,7 @@ def test_quick_report_time_and_inference(quick_report):
         assert inference['base_median'] > 0 and inference['ratio'] > 0
 
 
-@pytest.mark.slow
-def test_quick_report_stock_amp_runs(quick_report):
-    _, data, _ = quick_report
+def _check_stock_amp_runs(data):
     amp = data['amp']
     runs = {r['tool']: r for r in amp['runs']}
     assert sorted(runs) == ['apla_mm', 'mmseg']
@@ -197,3 +193,19 @@ def test_quick_report_stock_amp_runs(quick_report):
         assert direct['scale_after'] == direct['scale_before'] / 2
         assert direct['next_step_trains']
         assert direct['target'].startswith('backbone.')
+
+
+def test_gpu_check_without_a_wheelhouse_says_how_to_make_one(tmp_path):
+    proc = subprocess.run(
+        ['bash', 'tools/gpu_check.sh', '--wheelhouse', str(tmp_path / 'no'),
+         '--out', str(tmp_path / 'out')], cwd=REPO_ROOT,
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert '--make-wheelhouse' in proc.stderr
+    # the exclusions are names make_wheelhouse.sh can drop, one per line
+    with open(osp.join(REPO_ROOT, 'tools', 'constraints',
+                       'gpu-machine-excludes.txt')) as f:
+        names = [line.split()[0] for line in f
+                 if line.strip() and not line.startswith('#')]
+    assert {'torch', 'torchvision'}.isdisjoint(names)  # always left out
+    assert {'opencv-python', 'numpy', 'scipy', 'timm'} <= set(names)

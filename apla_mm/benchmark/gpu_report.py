@@ -424,8 +424,9 @@ def _fresh_peaks(jobs: Sequence[tuple], device: str,
             if clock.over(f'fresh-process peak: {spec.name} {amp or "fp32"}'
                           f' {size}x{size}'):
                 return None
-            result = measure_peak(paths[i], spec.name, 'seg', size, batch,
-                                  device, steps=2, threads=threads, amp=amp)
+            result = measure_peak(paths[i], spec.name, spec.task, size,
+                                  batch, device, steps=2, threads=threads,
+                                  amp=amp)
             return dict(bytes=result['increment'], source='fresh process',
                         kind=result['kind'] + ' (apla_mm.benchmark.peak.'
                         'measure_peak: a new process per method, warm '
@@ -690,6 +691,13 @@ def detection_section(opts: GPUReportOptions, plan: dict) -> dict:
     meter.settle()
     for row in rows:
         row['train_time'] = timing[row['name']]
+    if opts.peak_process or not meter.cuda:  # as in the memory section
+        peaks = _fresh_peaks([(spec, size, batch, None) for spec in specs],
+                             opts.device, opts.threads, 2, _Clock(None))
+        for row, peak in zip(rows, peaks):
+            row['peak_in_process'], row['peak'] = row['peak'], peak
+            row['peak_over_account'] = (peak['bytes'] /
+                                        row['account']['total'])
     return dict(status='passed', model=plan['det_model'], size=size,
                 batch=batch, base_config=preset.get('base'), methods=rows)
 
