@@ -65,13 +65,16 @@ class CheckpointCheckHook(Hook):
                     '--resume.')
         model = unwrap_model(runner.model)
         state = state_dict_of(checkpoint)
+        model_state = model.state_dict()
         adapter = get_adapter(model)
         if adapter is not None:
-            # a plain checkpoint lacks the method's own new tensors (LoRA's
+            # a plain checkpoint lacks the method's own new entries (LoRA's
             # factors before training), which keep their initial values
-            state = adapter.complete_state_dict(state)
+            completed = adapter.complete_state_dict(state)
+            state = dict(state, **{k: v for k, v in completed.items()
+                                   if k not in state and k in model_state})
         result = check_state_dict_match(
-            model.state_dict(), state,
+            model_state, state,
             source=str(getattr(runner, '_load_from', None) or 'checkpoint'),
             allow_partial=self.allow_partial)
         if not result.complete:
