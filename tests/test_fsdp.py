@@ -464,3 +464,23 @@ def test_fsdp_peft_equals_ddp_and_checkpoints_stay_plain(
                 assert torch.equal(weights[key], initial[key]), key
         assert any(weights[f'{layer}.lora_B'].abs().sum() > 0
                    for layer in meta['layers'])
+    # the delta keeps only what trained, and merges back into the start
+    from apla_mm.peft.delta import export_delta, merge_delta
+    delta = export_delta(fsdp_ckpt)
+    merged = merge_delta(initial, delta)
+    for key in _plain_keys():
+        expected = weights[key]
+        if method == 'lora' and key in merged and key.startswith('backbone.'):
+            continue  # merging folds the factors into the weights
+        assert torch.equal(merged[key], expected), key
+    if method == 'apla':
+        # tools/test.py opens the FSDP run's checkpoint with the plain base
+        # config (no PEFT, no FSDP)
+        fsdp_work = str(tmp_path / 'fsdp')
+        log = run_tool([
+            'tools/test.py', osp.join(REPO_ROOT, 'configs', FULL),
+            osp.join(fsdp_work, 'iter_3.pth'), '--work-dir',
+            str(tmp_path / 'test'), '--cfg-options',
+            f'test_dataloader.dataset.data_root={toy_seg_root}'
+        ], env=dict(OMP_NUM_THREADS='1'))
+        assert 'mIoU' in log and 'fits the model only partly' not in log
