@@ -29,11 +29,11 @@ needs_cpu_fsdp = pytest.mark.skipif(
 
 
 # -- the wrap plan (no processes) ---------------------------------------------
-def _toy_model(config):
+def _toy_model(config, scope='mmseg'):
     from mmengine.config import Config
     from mmengine.registry import MODELS, DefaultScope
     cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs', config))
-    with DefaultScope.overwrite_default_scope('mmseg'):
+    with DefaultScope.overwrite_default_scope(scope):
         return MODELS.build(cfg.model)
 
 
@@ -484,3 +484,48 @@ def test_fsdp_peft_equals_ddp_and_checkpoints_stay_plain(
             f'test_dataloader.dataset.data_root={toy_seg_root}'
         ], env=dict(OMP_NUM_THREADS='1'))
         assert 'mIoU' in log and 'fits the model only partly' not in log
+
+
+DET_APLA = ('apla/apla-r16_mask-rcnn_timm-vit-tiny_simple-fpn_1xb8-200it_'
+            'toycoco-128x128.py')
+
+
+@pytest.mark.slow
+@needs_cpu_fsdp
+def test_fsdp_apla_mask_rcnn(toy_coco_root, tmp_path):
+    """mmdet's Mask R-CNN (timm ViT + simple FPN) under FSDP with APLA
+    applied at build time: frozen entries bit-identical, rows moved, a plain
+    checkpoint with the APLA meta."""
+    from apla_mm.testing import assert_apla_trained
+    config = tmp_path / 'fsdp_det.py'
+    config.write_text('\n'.join([
+        f"_base_ = ['{osp.join(REPO_ROOT, 'configs', DET_APLA)}']",
+        "model = dict(_delete_=True, type='PEFTModel', model=_base_.model, "
+        "method='apla', rank=16, seed=0)",
+        "custom_hooks = [dict(type='PEFTHook')]",
+        "runner_type = 'FlexibleRunner'",
+        "strategy = dict(type='PortableFSDPStrategy', "
+        "wrap_module_classes=['Block'])",
+    ]) + '\n')
+    torch.manual_seed(0)
+    model = _toy_model(DET_APLA.replace('apla/apla-r16_', 'finetune/'),
+                       scope='mmdet')
+    model.init_weights()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save(dict(state_dict=initial, meta={}), tmp_path / 'initial.pth')
+    ann = f'{toy_coco_root}/annotations/instances_val.json'
+    work = str(tmp_path / 'work')
+    log = run_tool([
+        'bash', 'tools/dist_train.sh', str(config), '2', '--work-dir', work,
+        '--cfg-options', f'train_dataloader.dataset.data_root={toy_coco_root}',
+        f'val_dataloader.dataset.data_root={toy_coco_root}',
+        f'val_evaluator.ann_file={ann}', 'train_dataloader.batch_size=2',
+        'train_cfg.max_iters=2', 'train_cfg.val_interval=3',
+        f"load_from={tmp_path / 'initial.pth'}"
+    ], env=dict(OMP_NUM_THREADS='1', PORT=str(_free_port())))
+    assert 'FSDP units below the root' in log
+    ckpt = _state(osp.join(work, 'iter_2.pth'))
+    assert set(ckpt['state_dict']) == set(initial)
+    meta = ckpt['meta']['apla_mm']
+    indices = {n: info['index'] for n, info in meta['layers'].items()}
+    assert assert_apla_trained(initial, ckpt['state_dict'], indices) == 8
