@@ -241,9 +241,9 @@ class RankStateDumpHook(Hook):
         from mmengine.dist import get_rank
         from torch.nn.parallel import DistributedDataParallel
         meta = None
-        from apla_mm.engine.hooks.peft_hook import BasePEFTHook
+        from apla_mm.engine.hooks.peft_hook import PEFTHook
         for hook in runner.hooks:
-            if isinstance(hook, BasePEFTHook) and hook.adapter is not None:
+            if isinstance(hook, PEFTHook) and hook.adapter is not None:
                 meta = hook.adapter.meta()
         synced = None
         if isinstance(runner.model, DistributedDataParallel):

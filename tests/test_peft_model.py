@@ -72,3 +72,28 @@ def test_peft_hook_needs_an_adapted_model_or_a_method(toy_seg_root,
                      rank=8)
     with pytest.raises(ValueError, match='Give the settings in one place'):
         build_runner(cfg).train()
+
+
+def test_build_time_adapter_resumes(toy_seg_root, tmp_path):
+    """--resume of a PEFTModel run: the generic PEFTHook names the method, so
+    the checkpoint checks accept it and the selection is taken over."""
+    config, settings = CONFIGS['apla']
+    work = str(tmp_path / 'run')
+    cfg = _as_peft_model(
+        short_run_cfg(config, work, toy_seg_root, max_iters=2, batch_size=2,
+                      checkpoint_interval=1), 'apla', settings)
+    build_runner(cfg).train()
+    resumed = _as_peft_model(
+        short_run_cfg(config, work, toy_seg_root, max_iters=3, batch_size=2,
+                      checkpoint_interval=1), 'apla', settings)
+    resumed.resume = True
+    resumed.load_from = f'{work}/iter_2.pth'
+    # what tools/train.py adds: the check that a resumed checkpoint fits
+    resumed.custom_hooks = resumed.custom_hooks + [
+        dict(type='CheckpointCheckHook')]
+    runner = build_runner(resumed)
+    runner.train()
+    assert runner.iter == 3
+    meta = torch.load(f'{work}/iter_3.pth', map_location='cpu',
+                      weights_only=False)['meta']['apla_mm']
+    assert meta['method'] == 'apla' and meta['config']['rank'] == 16

@@ -46,7 +46,7 @@ Subclasses set :attr:`BaseAdapter.method` (which registers them for
 :attr:`~BaseAdapter.default_targets` and implement
 :meth:`~BaseAdapter._make_layer`, :meth:`~BaseAdapter._inject` and
 :meth:`~BaseAdapter._eject`. The mmengine side is one hook per method
-(:class:`~apla_mm.engine.hooks.peft_hook.BasePEFTHook`), which only builds
+(:class:`~apla_mm.engine.hooks.peft_hook.PEFTHook`), which only builds
 the adapter (or finds the one :func:`~apla_mm.models.PEFTModel` built) and
 connects it to the Runner. ``docs/architecture.md`` walks through adding a
 method. Activation checkpointing is not a method's business: it is the

@@ -8,7 +8,7 @@ from apla_mm.registry import HOOKS
 from apla_mm.utils.checkpoint_io import (check_state_dict_match,
                                          state_dict_of)
 from ..runner_utils import is_training
-from .peft_hook import BasePEFTHook
+from .peft_hook import PEFTHook
 
 
 @HOOKS.register_module()
@@ -50,7 +50,7 @@ class CheckpointCheckHook(Hook):
             if isinstance(checkpoint, dict) else None
         if resuming and meta is not None:
             methods = {
-                h.method for h in runner.hooks if isinstance(h, BasePEFTHook)
+                h.name for h in runner.hooks if isinstance(h, PEFTHook)
             }
             if meta.get('method') not in methods:
                 settings = meta.get('config', {})
