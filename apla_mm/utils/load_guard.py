@@ -85,11 +85,13 @@ def _describe_source(module: nn.Module) -> str:
     return 'a state dict'
 
 
+_MISSING = object()
+
+
 def _compare(load: 'PretrainedLoad', own: Mapping[str, Optional[tuple]],
              state_dict: Mapping, prefix: str = '') -> None:
     for key, shape in own.items():
-        offered = state_dict.get(prefix + key, None) \
-            if prefix + key in state_dict else _MISSING
+        offered = state_dict.get(prefix + key, _MISSING)
         if offered is _MISSING:
             if not key.endswith('num_batches_tracked'):
                 load.missing.append(key)
@@ -97,9 +99,6 @@ def _compare(load: 'PretrainedLoad', own: Mapping[str, Optional[tuple]],
             load.mismatched.append((key, _shape(offered), shape))
         else:
             load.provided.append(key)
-
-
-_MISSING = object()
 
 
 def _unexpected(own: Mapping, state_dict: Mapping,

@@ -149,15 +149,22 @@ def _merged(module: nn.Module, name: str, rows_name: str):
     instead of written into a gathered view that resharding discards."""
     base, rows = own_tensor(module, name), own_tensor(module, rows_name)
     index = module._buffers[INDEX_BUFFER]
-    if base is None or rows is None or base.dim() != rows.dim() \
-            or base.shape[1:] != rows.shape[1:] \
-            or rows.shape[0] != index.numel() \
-            or base.untyped_storage().nbytes() == 0 \
-            or rows.untyped_storage().nbytes() == 0:
+    if not _fits(base, rows, index):
         # FSDP swapping views: flat shards, or gathered views whose storage
         # it already freed (FSDP's own hasattr checks read the property)
         return base
     return base.index_copy(0, index, rows.to(base.dtype))
+
+
+def _fits(base, rows, index: torch.Tensor) -> bool:
+    """Whether ``rows`` can be the ``index`` rows of ``base``, both holding
+    data (not FSDP's flat shards or freed views)."""
+    return (base is not None and rows is not None
+            and base.dim() == rows.dim()
+            and base.shape[1:] == rows.shape[1:]
+            and rows.shape[0] == index.numel()
+            and base.untyped_storage().nbytes() > 0
+            and rows.untyped_storage().nbytes() > 0)
 
 
 def _routed(module: nn.Module, name: str, rows_name: str):
@@ -211,21 +218,32 @@ def drop_rows_from_state_dict(layer_names, module, state_dict, prefix,
             state_dict.pop(f'{prefix}{name}.{rows}', None)
 
 
+def fill_rows(state_dict: dict, prefix: str, index: torch.Tensor,
+              has_bias: bool, weight_shape=None) -> None:
+    """Add the rows a state dict lacks, derived from its merged W_O (in
+    place): ``<prefix>apla_weight``/``apla_bias`` are the selected rows of
+    ``<prefix>weight``/``bias``. With ``weight_shape``, a weight of another
+    shape is left alone (``load_state_dict`` reports the mismatch, and
+    apla_mm's load guard with it)."""
+    for name, rows in zip(('weight', 'bias'), ROW_PARAMS):
+        key = prefix + name
+        if (name == 'bias' and not has_bias) or key not in state_dict \
+                or prefix + rows in state_dict:
+            continue
+        value = state_dict[key]
+        if weight_shape is not None and tuple(value.shape) != tuple(
+                weight_shape[:value.dim()]):
+            continue
+        state_dict[prefix + rows] = value.index_select(
+            0, index.to(value.device))
+
+
 def _rows_from_state_dict(module, state_dict, prefix, *args):
     # A plain checkpoint (or our own) provides the merged ``weight``; the
     # trainable rows are its selected rows.
-    index = module._buffers[INDEX_BUFFER]
-    for name, rows in zip(('weight', 'bias'), ROW_PARAMS):
-        key = prefix + name
-        if key in state_dict and prefix + rows not in state_dict \
-                and module._parameters.get(rows) is not None:
-            value = state_dict[key]
-            if value.shape != module._parameters[name].shape:
-                # another width: leave it to load_state_dict, which reports
-                # the shape mismatch (and apla_mm's load guard with it)
-                continue
-            state_dict[prefix + rows] = value.index_select(
-                0, index.to(value.device))
+    fill_rows(state_dict, prefix, module._buffers[INDEX_BUFFER],
+              module._parameters.get('apla_bias') is not None,
+              module._parameters['weight'].shape)
 
 
 @dataclass
@@ -403,13 +421,9 @@ def _complete(module: nn.Module) -> bool:
     (not FSDP's flat shards or views)."""
     weight, rows = own_tensor(module, 'weight'), own_tensor(module,
                                                            'apla_weight')
-    return (rows is not None and weight is not None
+    return (weight is not None and weight.dim() == 2
             and not managed_by_fsdp(module, 'weight')
-            and weight.dim() == 2 and rows.dim() == 2
-            and weight.shape[1] == rows.shape[1]
-            and rows.shape[0] == module._buffers[INDEX_BUFFER].numel()
-            and weight.untyped_storage().nbytes() > 0
-            and rows.untyped_storage().nbytes() > 0)
+            and _fits(weight, rows, module._buffers[INDEX_BUFFER]))
 
 
 def _copy_rows_(layer: APLALayer, into_weights: bool) -> None:

@@ -32,8 +32,8 @@ from apla_mm.compat import register_state_dict_post_hook
 from ..base import BaseAdapter, StateDict
 from ..targets import Target
 from .config import APLAConfig, layer_rank
-from .layer import (APLALayer, drop_rows_from_state_dict, eject, inject,
-                    rows_to_weights_, weights_to_rows_)
+from .layer import (APLALayer, drop_rows_from_state_dict, eject, fill_rows,
+                    inject, rows_to_weights_, weights_to_rows_)
 from .selection import (check_indices, load_index_file, norm_channels,
                         random_channels)
 
@@ -238,16 +238,8 @@ class APLAAdapter(BaseAdapter):
         (what the layers' load hook derives)."""
         out = dict(state_dict)
         for layer in self.layers:
-            if layer.full:
-                continue
-            index = layer.module._buffers['apla_index']
-            for name, rows in (('weight', 'apla_weight'),
-                               ('bias', 'apla_bias')):
-                key = f'{layer.name}.{name}'
-                if key in out and f'{layer.name}.{rows}' not in out \
-                        and (name == 'weight' or layer.has_bias):
-                    out[f'{layer.name}.{rows}'] = out[key].index_select(
-                        0, index.to(out[key].device))
+            if not layer.full:
+                fill_rows(out, layer.name + '.', layer.index, layer.has_bias)
         return out
 
     # -- the contract: parameters ----------------------------------------
