@@ -208,6 +208,17 @@ def assert_apla_trained(before: Mapping[str, torch.Tensor],
     return row_checked
 
 
+def saved_and_copied(model: torch.nn.Module) -> list:
+    """``[torch.load(torch.save(model)), copy.deepcopy(model)]``: the two
+    ways a whole model is duplicated (saving the module object; mmengine's
+    EMA hook), for tests that the duplicates work like the original."""
+    import io
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return [torch.load(buffer, weights_only=False), copy.deepcopy(model)]
+
+
 def build_runner(cfg: Config, *hooks: Hook):
     """``Runner.from_cfg`` on a copy of ``cfg``, with extra hook objects."""
     from mmengine.runner import Runner

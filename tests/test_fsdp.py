@@ -2,7 +2,6 @@
 the wrap plan, and 2-process CPU runs (gloo) through tools/dist_train.sh
 compared with DDP runs of the same config."""
 import os.path as osp
-import textwrap
 
 import pytest
 import torch

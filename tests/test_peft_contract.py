@@ -1,7 +1,6 @@
 """The shared PEFT contract: one base, one target grammar, picklable adapted
 models, and a third method built from the contract alone."""
 import copy
-import io
 from dataclasses import dataclass, field
 from typing import List, Tuple
 
@@ -14,6 +13,7 @@ from apla_mm.peft import (APLAAdapter, APLAConfig, BaseAdapter, LoRAAdapter,
 from apla_mm.peft.base import AdaptedLayer
 from apla_mm.peft.delta import export_delta, merge_delta
 from apla_mm.peft.targets import Target, resolve_targets
+from apla_mm.testing import saved_and_copied
 
 
 class Segmentor(nn.Module):
@@ -144,11 +144,7 @@ def test_adapted_model_pickles_and_deepcopies(method, build):
     x = _batch(5)
     with torch.no_grad():
         expected = model(x)
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
-    twin = copy.deepcopy(model)
+    loaded, twin = saved_and_copied(model)
     for other in (loaded, twin):
         assert [type(m).__name__ for m in other.modules()] == \
             [type(m).__name__ for m in model.modules()]

@@ -2,13 +2,12 @@
 (apla_mm.peft.swap) that stack, pickle, deep-copy and unload, with every
 memory option on, for APLA, LoRA and full fine-tuning; the adapter lives on
 the model; W_O can never be stale."""
-import copy
-import io
 import warnings
 
 import pytest
 import torch
 
+from apla_mm.testing import saved_and_copied
 from conftest import config_path
 
 pytest.importorskip('mmseg')
@@ -99,11 +98,7 @@ def test_every_structural_change_pickles_copies_and_unloads(method):
     with torch.no_grad():
         expected = model(_batch(1)[0], mode='tensor')
     adapted_keys = list(model.state_dict())  # + LoRA's factors
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
-    twin = copy.deepcopy(model)
+    loaded, twin = saved_and_copied(model)
     for other in (loaded, twin):
         assert _swapped(other) == _swapped(model)
         assert list(other.state_dict()) == adapted_keys
@@ -136,11 +131,7 @@ def test_frozen_low_precision_survives_pickling():
     handle = apply_memory_options(model, MemoryConfig(frozen_dtype='bfloat16'))
     handle.cast_frozen_()
     state = model.state_dict()
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    for other in (torch.load(buffer, weights_only=False),
-                  copy.deepcopy(model)):
+    for other in saved_and_copied(model):
         assert other.backbone.layers[0].ffn.layers[1].weight.dtype == \
             torch.bfloat16
         # the copy's state dict still holds the fp32 masters

@@ -45,7 +45,6 @@ from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from apla_mm.peft.swap import (below, has_swap, register_swap, restore_class,

@@ -27,7 +27,6 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-import torch
 
 from apla_mm.compat import load_weights_only
 

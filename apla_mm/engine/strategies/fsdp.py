@@ -43,7 +43,6 @@ Example::
 
 then ``bash tools/dist_train.sh CONFIG 8``. See ``docs/distributed.md``.
 """
-import logging
 import os
 from functools import partial
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union

@@ -14,7 +14,6 @@ the factors; the hook merges them for testing (:meth:`merge_and_unload`) and
 from typing import List
 
 import torch
-import torch.nn as nn
 
 from ..base import BaseAdapter, StateDict
 from ..targets import Target
